@@ -1,0 +1,300 @@
+"""Typed configuration: dataclasses are the schema, TOML files in ``configs/`` are the data.
+
+    cfg = load_config("tiny", overrides=["stage1.image_size=128"])
+
+Every section is a dataclass with defaults; a TOML file only states what differs. Unknown keys
+are rejected with a message naming the key and the file (or the override) that set it. The
+resolved config is a plain dict (``to_dict``) that is saved next to every checkpoint, export and
+benchmark result, and ``from_dict`` rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+from engine.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that does not fit the schema; the message says where."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: identity-decoupled motion representation (ARCHITECTURE.md §2)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Stage1Config:
+    image_size: int = 256
+    # Encoder: layer 0 (1x1 conv) width, then the widths of the residual blocks 1..N. The number
+    # of blocks follows from image_size: the last block ends at 4x4, then a 4x4 conv to 1x1.
+    enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512, 512])
+    latent_dim: int = 512  # h, z_id, z_m
+    motion_dim: int = 20  # number of LMD directions (alpha)
+    head_hidden: int = 512  # identity / motion MLP width
+    motion_linears: int = 5  # stacked linears z_m -> alpha (no activation), as the original
+    # Renderer: widths per level from 4x4 upwards (4, 8, 16, ..., image_size).
+    dec_channels: list[int] = field(default_factory=lambda: [512, 512, 512, 512, 256, 128, 64])
+    club_hidden: int = 512  # CLUB variational network width
+    blur_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: audio-driven motion generator (ARCHITECTURE.md §3-4)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    frontend: str = "logmel"  # "logmel" (built in, incremental) or "hubert" (local files)
+    n_fft: int = 400
+    hop_samples: int = 160  # 100 feature frames per second
+    n_mels: int = 80
+    fmin_hz: float = 40.0
+    fmax_hz: float = 7600.0
+    hubert_path: str = ""  # local directory of a transformers HuBERT model (plug-in front end)
+
+
+@dataclass
+class ConformerConfig:
+    d_model: int = 512
+    heads: int = 2
+    ffn_dim: int = 512
+    blocks: int = 4
+    conv_kernel: int = 13
+    dropout: float = 0.2
+
+
+@dataclass
+class Stage2Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    speech: ConformerConfig = field(default_factory=ConformerConfig)
+    adapter_hidden: int = 128  # variance predictors: 2-layer LSTM hidden size
+    adapter_layers: int = 2
+    denoiser: ConformerConfig = field(
+        default_factory=lambda: ConformerConfig(d_model=1024, heads=2, ffn_dim=1024, blocks=2)
+    )
+    cond_dim: int = 128  # projections of reference alpha, reference h, noisy alpha, timestep
+    # Diffusion
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sample_steps: int = 50  # DDIM steps at inference
+    # Windowing (shared by offline rendering and streaming)
+    window_frames: int = 25  # new frames generated per window
+    prefix_frames: int = 10  # K already-emitted alphas given as a known prefix
+    lookahead_frames: int = 2  # audio look-ahead past the window end, in video frames
+    audio_context_frames: int = 25  # audio context before the window start, in video frames
+    fps: int = 25
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming engine and server
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StreamConfig:
+    backend: str = "torch"  # "torch", "onnx", "tensorrt"
+    device: str = "cpu"
+    threads: int = 0  # 0: let the backend decide
+    video_queue_frames: int = 4
+    watermark: bool = True
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_sessions: int = 1
+    max_upload_bytes: int = 10_000_000
+    max_image_pixels: int = 4096 * 4096
+
+
+# --------------------------------------------------------------------------------------------
+# Training (used by training/, stored here so one TOML file describes a whole run)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    identities: int = 5000
+    heldout_identities: int = 200  # the last N identity ids; training never sees them
+    fps: int = 25
+    sample_rate: int = 16000
+
+
+@dataclass
+class TrainStage1Config:
+    batch_size: int = 8
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    steps: int = 100_000
+    image_size: int = 0  # 0: the model's image_size; smaller for a resolution curriculum
+    w_l1: float = 1.0
+    w_perceptual: float = 0.1
+    w_adv: float = 1.0
+    w_mi: float = 0.1
+    w_metric: float = 0.1
+    aam_margin: float = 0.2
+    aam_scale: float = 30.0
+    w_aux_motion: float = 0.0  # synthetic-world accelerator: supervise alpha with ground truth
+    vgg_path: str = ""  # local VGG-19 weights; empty: weight-free multi-scale structural loss
+    disc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512, 512])
+    d_reg_every: int = 16
+    r1: float = 10.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    workers: int = 0
+
+
+@dataclass
+class TrainStage2Config:
+    batch_size: int = 16
+    lr: float = 1e-4
+    grad_clip: float = 1.0
+    steps: int = 100_000
+    ema_decay: float = 0.9999
+    w_adapter: float = 1.0
+    clip_seconds: float = 8.0
+    log_every: int = 10
+    ckpt_every: int = 500
+    workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage1: TrainStage1Config = field(default_factory=TrainStage1Config)
+    stage2: TrainStage2Config = field(default_factory=TrainStage2Config)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(typ, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)[:1]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            known = ", ".join(sorted(types_))
+            full = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown key '{full}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix != ".toml" and not p.exists():
+        p = CONFIG_DIR / f"{name_or_path}.toml"
+    if not p.is_file():
+        names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"config '{name_or_path}' not found (a .toml path, or one of: {names})")
+    return p
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is read as TOML, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': bad key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (a name in ``configs/`` or a path) and apply dotted overrides."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for text in overrides or []:
+        upd = parse_override(text)
+        try:
+            cfg = _build(Config, _merge(to_dict(cfg), upd), "")
+        except ConfigError as e:
+            raise ConfigError(f"override '{text}': {e}") from None
+    return cfg

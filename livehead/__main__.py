@@ -1,0 +1,5 @@
+import sys
+
+from livehead.cli import main
+
+sys.exit(main())
