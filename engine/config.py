@@ -70,6 +70,9 @@ class ConformerConfig:
     blocks: int = 4
     conv_kernel: int = 13
     dropout: float = 0.2
+    # Relative positions: a learned per-head attention bias for key - query distances clipped
+    # to [-rel_pos_max, rel_pos_max] (dynamic length, ONNX-friendly).
+    rel_pos_max: int = 64
 
 
 @dataclass
@@ -114,6 +117,27 @@ class ServerConfig:
     max_sessions: int = 1
     max_upload_bytes: int = 10_000_000
     max_image_pixels: int = 4096 * 4096
+    # Timing (server/room.py): output leaves the engine's latency plus playout_frames behind the
+    # media clock; input is pushed at most input_lead_frames ahead of it; silence is filled when
+    # no input arrived for silence_slack_ms.
+    playout_frames: int = 3
+    input_lead_frames: int = 2
+    silence_slack_ms: int = 60
+    max_input_buffer_s: float = 30.0  # queued presenter audio (a voice agent's TTS) per room
+    # Encoding (once per room, shared by every viewer)
+    video_bitrate: int = 1_000_000
+    keyframe_interval_frames: int = 50
+    jpeg_quality: int = 80  # WebSocket frames
+    ws_queue_frames: int = 50  # frames queued for a slow WebSocket client before dropping
+    # Limits and security
+    max_sdp_bytes: int = 65536
+    max_ws_message_bytes: int = 1_048_576
+    max_viewers_per_room: int = 32
+    peer_timeout_s: float = 15.0  # close a peer that sent nothing (RTP/RTCP/DTLS) for this long
+    ice_addresses: list[str] = field(default_factory=list)  # restrict ICE host candidates
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none: host only
+    cors_origins: list[str] = field(default_factory=list)  # none: no CORS headers at all
+    standin_size: int = 256  # frame size of the stand-in session (--standin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +169,7 @@ class TrainStage1Config:
     w_aux_motion: float = 0.0  # synthetic-world accelerator: supervise alpha with ground truth
     vgg_path: str = ""  # local VGG-19 weights; empty: weight-free multi-scale structural loss
     disc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512, 512])
+    adv_start_step: int = 0  # adversarial loss (and D updates) from this step on
     d_reg_every: int = 16
     r1: float = 10.0
     ema_decay: float = 0.999

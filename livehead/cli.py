@@ -13,7 +13,8 @@ from engine.errors import UserError
 COMMAND_MODULES = [
     "server.cli",  # serve
     "engine.cli",  # render, reenact, bench
-    "training.cli",  # data, train, eval
+    "training.cli",  # data
+    "training.cli_train",  # train, eval
     "export.cli",  # export
     "clients.cli",  # client
 ]

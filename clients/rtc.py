@@ -1,0 +1,141 @@
+"""A Python WebRTC client for livehead: publish audio, receive the avatar (aiortc).
+
+    conn = await connect(RtcOptions("http://127.0.0.1:8080", role="presenter"), audio_track)
+    frame = await conn.video.recv()     # av.VideoFrame, pts on the 90 kHz RTP clock
+    await conn.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from clients.media import ClientError
+
+
+def restrict_ice(addresses: list[str]) -> None:
+    """Offer only these host addresses (process-wide). aioice skips 127.0.0.1 by default, so a
+    client and server on one machine without another interface pass ["127.0.0.1"]."""
+    if addresses:
+        import aioice.ice
+
+        allowed = list(addresses)
+        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(allowed)
+
+
+def http_json(url: str, body: dict | None = None, token: str | None = None,
+              method: str | None = None, timeout: float = 30.0) -> dict:
+    """POST JSON (or GET) and return the JSON reply; HTTP errors become ClientError with the
+    server's message (blocking: call through asyncio.to_thread)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise ClientError(f"{url}: HTTP {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ClientError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+@dataclass
+class RtcOptions:
+    url: str  # http://host:port
+    role: str = "presenter"  # or "viewer"
+    room: str = "default"
+    token: str | None = None
+    data_channel: bool = True
+    ice_addresses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RtcConnection:
+    pc: RTCPeerConnection
+    video: MediaStreamTrack
+    audio: MediaStreamTrack | None
+    channel: object | None
+    member_id: str
+    t_offer: float  # time.monotonic() when the offer was posted
+    messages: asyncio.Queue = field(default_factory=asyncio.Queue)  # data channel JSON
+
+    async def send_control(self, msg: dict, timeout: float = 5.0) -> dict:
+        """Send a control message on the data channel and wait for the (non-stats) reply."""
+        if self.channel is None or self.channel.readyState != "open":
+            raise ClientError("the data channel is not open")
+        self.channel.send(json.dumps(msg))
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = await asyncio.wait_for(self.messages.get(), deadline - time.monotonic())
+            if reply.get("type") != "stats":
+                return reply
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def connect(opts: RtcOptions, audio_track: MediaStreamTrack | None = None,
+                  timeout: float = 20.0) -> RtcConnection:
+    """Offer (audio out if given, audio + video in), wait for the remote tracks."""
+    restrict_ice(opts.ice_addresses)
+    # No STUN: the default Google server is unreachable in closed networks and stalls gathering.
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    loop = asyncio.get_running_loop()
+    tracks: dict[str, asyncio.Future] = {"video": loop.create_future(),
+                                         "audio": loop.create_future()}
+    messages: asyncio.Queue = asyncio.Queue()
+    channel = None
+    try:
+        if audio_track is not None:
+            pc.addTransceiver(audio_track, direction="sendrecv")
+        else:
+            pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        if opts.data_channel:
+            channel = pc.createDataChannel("control")
+
+            @channel.on("message")
+            def on_message(message: object) -> None:
+                try:
+                    messages.put_nowait(json.loads(message))
+                except (TypeError, ValueError):
+                    pass
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            fut = tracks.get(track.kind)
+            if fut is not None and not fut.done():
+                fut.set_result(track)
+
+        await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers ICE here
+        t_offer = time.monotonic()
+        answer = await asyncio.to_thread(
+            http_json, opts.url.rstrip("/") + "/offer",
+            {"sdp": pc.localDescription.sdp, "type": "offer", "role": opts.role,
+             "room": opts.room}, opts.token)
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        video = await asyncio.wait_for(tracks["video"], timeout)
+        audio = tracks["audio"].result() if tracks["audio"].done() else None
+        if channel is not None:
+            opened = asyncio.Event()
+            channel.on("open", opened.set)
+            if channel.readyState != "open":
+                await asyncio.wait_for(opened.wait(), timeout)
+    except BaseException:
+        await pc.close()
+        raise
+    return RtcConnection(pc, video, audio, channel, answer.get("id", ""), t_offer, messages)

@@ -1,0 +1,669 @@
+"""Stage 1: identity-decoupled motion representation (ARCHITECTURE.md §2), pure PyTorch.
+
+    model = Stage1Model(cfg.stage1)
+    h, feats = model.encode(source)             # once per avatar
+    alpha = model.motion(model.encode(driving)[0])
+    frames = model.render(h, feats, alpha)      # a batch of alphas, one source pyramid
+
+Layout follows LIA (wyhsirius/LIA, ``networks/``) as extended by AniTalker (X-LANCE/AniTalker,
+``code/networks/``): a StyleGAN2-discriminator-like image encoder with a hierarchical aggregation
+layer (HAL), identity / motion MLP heads, Linear Motion Decomposition (LMD), and a StyleGAN2
+synthesis network that warps the encoder's feature pyramid level by level.
+
+Widths are keyed by resolution, as the originals' ``channels`` dicts are:
+``enc_channels`` lists widths from the largest resolution down to 4² and only its *last*
+log2(S)-1 entries are used, ``dec_channels`` lists widths from 4² up and only its *first*
+log2(S)-1 entries are used. So a config written for 256² also builds a 64² model (for tests) with
+the same widths at the same resolutions. The encoder and renderer widths must agree at 8²…S²,
+because warped encoder features are blended into the decoder features.
+
+Parameter counts, paper config (Stage1Config defaults, 256²; ``Stage1Model.param_counts``):
+
+    ======================================  ==========  =============================================
+    module                                  parameters  what
+    ======================================  ==========  =============================================
+    encoder.layers + final (E)              21,635,648  1×1 conv, 6 ResBlocks, 4×4 conv 512->512
+    encoder HAL                                230,920  3 EqualLinears 64/128/256->512 + 8 logits
+    identity_head                              525,312  512->512->512
+    motion_head                              1,586,196  MLP 512->512->512 + 4×(512->512) + 512->20
+    lmd                                         10,240  512×20 (+ a frozen-Q buffer, not a param)
+    renderer (G)                            22,407,974  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
+    --------------------------------------  ----------  ---------------------------------------------
+    Stage1Model total                       46,396,290  = what ``Stage1Model`` holds
+    CLUB (variational net, separate)           787,968  512->512 trunk, mean and log-var heads
+    Stage1Model + CLUB                      47,184,258  +0.6 % vs AniTalker's 46.9 M
+    ======================================  ==========  =============================================
+
+AniTalker's "46.9 M" is the parameter count of its ``Generator`` (46,923,173 with the official
+code): it holds E, HAL, the decoupling MLPs, the 5 motion linears, LMD and G, *and* the CLUB
+variational MLP (``DecouplingModel.identity_net_density``, 512->512->512, 525,312, mean only).
+The same modules here without CLUB total 46.40 M (-1.1 %); with livehead's CLUB, which adds a
+log-variance head, 47.18 M (+0.6 %). Not counted anywhere: the discriminator and the AAM-softmax
+head. Small departures from the official code: no NoiseInjection scalars (13, never fed), no
+unused 4² ``to_rgb1`` (1,542), ToRGB is a plain 1×1 conv with one bias (official: conv + leaky
+ReLU + a second bias, 18 more), MLP heads use equalised-LR linears (same shapes as nn.Linear).
+LIA itself (no HAL, no decoupling MLPs) has 45.1 M in this layout.
+
+Behavioural departures, each for a reason given where it is implemented: the identity sampling
+grid is exact for ``align_corners=False`` (the original's linspace grid zooms by (N-1)/N); the
+ToFlow conv starts at zero (identity warp at init); the output is tanh-bounded; Q is made unique
+(positive diag(R)); flow, mask, warp and the RGB skip run in fp32 even under autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import Stage1Config
+from engine.models.layers import (
+    ConstantInput,
+    ConvLayer,
+    EqualConv2d,
+    EqualLinear,
+    ModulatedConv2d,
+    ResBlock,
+    StyledConv,
+    Upsample,
+    pointwise,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+def level_sizes(image_size: int) -> list[int]:
+    """Resolutions of the synthesis levels: [4, 8, ..., image_size]."""
+    return [2**i for i in range(2, int(math.log2(image_size)) + 1)]
+
+
+def encoder_widths(cfg: Stage1Config) -> list[int]:
+    """Encoder widths at resolutions [S, S/2, ..., 4] (layer 0, then each ResBlock's output)."""
+    n = len(level_sizes(cfg.image_size))
+    if len(cfg.enc_channels) < n:
+        raise ValueError(
+            f"stage1.enc_channels has {len(cfg.enc_channels)} widths; image_size "
+            f"{cfg.image_size} needs {n} (one per resolution {cfg.image_size}..4)"
+        )
+    return list(cfg.enc_channels[-n:])
+
+
+def decoder_widths(cfg: Stage1Config) -> list[int]:
+    """Renderer widths at resolutions [4, 8, ..., S]."""
+    n = len(level_sizes(cfg.image_size))
+    if len(cfg.dec_channels) < n:
+        raise ValueError(
+            f"stage1.dec_channels has {len(cfg.dec_channels)} widths; image_size "
+            f"{cfg.image_size} needs {n} (one per resolution 4..{cfg.image_size})"
+        )
+    return list(cfg.dec_channels[:n])
+
+
+def check_config(cfg: Stage1Config) -> None:
+    """Raise ValueError naming the field when a Stage1Config cannot build a model."""
+    s = cfg.image_size
+    if s < 8 or s & (s - 1):
+        raise ValueError(f"stage1.image_size must be a power of two >= 8, got {s}")
+    if len(cfg.blur_kernel) % 2:
+        raise ValueError(f"stage1.blur_kernel needs an even number of taps, got {cfg.blur_kernel}")
+    if not 1 <= cfg.motion_dim <= cfg.latent_dim:
+        raise ValueError(f"stage1.motion_dim must be in [1, latent_dim], got {cfg.motion_dim}")
+    if cfg.motion_linears < 1:
+        raise ValueError(f"stage1.motion_linears must be >= 1, got {cfg.motion_linears}")
+    enc = encoder_widths(cfg)[::-1]  # 4..S
+    dec = decoder_widths(cfg)
+    sizes = level_sizes(s)
+    for r, e, d in zip(sizes[1:], enc[1:], dec[1:]):
+        if e != d:
+            raise ValueError(
+                f"stage1: encoder width {e} and renderer width {d} differ at {r}x{r}; warped "
+                "encoder features are blended into the renderer features, so they must match"
+            )
+
+
+def identity_grid(size: int) -> Tensor:
+    """Sampling grid that ``grid_sample(..., align_corners=False)`` maps onto itself.
+
+    Returns (1, size, size, 2) float32, last axis (x, y) in (-1, 1): pixel centres (2i+1)/N - 1.
+    """
+    c = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    gy, gx = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).unsqueeze(0)
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside, so flow/mask/grid stay fp32 (a bf16 grid loses up to 0.5 px at 256²).
+
+    Outside autocast this is a no-op, which keeps exported graphs free of autocast nodes.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def warp(feat: Tensor, offset: Tensor, grid: Tensor) -> Tensor:
+    """Bilinear backward warp: out[..., y, x] = feat sampled at grid[y, x] + offset[:, :, y, x].
+
+    feat: (B, C, H, W); offset: (B, 2, H, W) as (dx, dy) in normalised units (2/W per pixel);
+    grid: (1, H, W, 2) from ``identity_grid``. Zero padding outside the image.
+    """
+    g = grid + offset.permute(0, 2, 3, 1)
+    return F.grid_sample(feat, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Image encoder E with hierarchical aggregation (HAL)
+# --------------------------------------------------------------------------------------------
+class ImageEncoder(nn.Module):
+    """E: image -> (h, feature pyramid).
+
+    Layer 0 is a 1×1 conv 3->C_S; ResBlocks halve the resolution down to 4²; a 4×4 valid conv
+    gives a (latent,) vector. HAL: every layer's output is global-average-pooled, widths other
+    than latent_dim are projected by an EqualLinear, and h is their softmax-weighted sum (one
+    learnable logit per layer, zero at init = plain mean) -- multi-scale input for the motion path.
+    """
+
+    def __init__(self, cfg: Stage1Config) -> None:
+        super().__init__()
+        check_config(cfg)
+        widths = encoder_widths(cfg)  # S..4
+        bk = list(cfg.blur_kernel)
+        latent = cfg.latent_dim
+        self.layers = nn.ModuleList([ConvLayer(3, widths[0], 1, blur_kernel=bk)])
+        for a, b in zip(widths[:-1], widths[1:]):
+            self.layers.append(ResBlock(a, b, bk))
+        self.final = EqualConv2d(widths[-1], latent, 4, padding=0, bias=False)
+        # HAL: one projection per layer output (identity where the width is already latent)
+        self.hal_proj = nn.ModuleList(
+            [EqualLinear(w, latent) if w != latent else nn.Identity() for w in widths]
+        )
+        self.hal_logits = nn.Parameter(torch.zeros(len(widths) + 1))
+
+    def forward(self, img: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """img: (B, 3, S, S) in [-1, 1].
+
+        Returns h: (B, latent) and feats: the ResBlock/layer-0 outputs from 8² up to S²
+        (coarse to fine, the order the renderer consumes them), feats[i]: (B, C_r, r, r)
+        float32 (h follows autocast).
+        """
+        x = img
+        outs: list[Tensor] = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        top = self.final(x).flatten(1)  # (B, latent)
+        pooled = [proj(o.mean(dim=(2, 3))) for proj, o in zip(self.hal_proj, outs)]
+        pooled.append(top)
+        w = torch.softmax(self.hal_logits.float(), dim=0).to(top.dtype)
+        h = (torch.stack(pooled, dim=0) * w[:, None, None]).sum(dim=0)
+        # drop the 4² output; 8² .. S². fp32 because the warp samples them in fp32: casting
+        # here once per avatar beats casting in every render call under bf16 autocast
+        feats = [f.float() for f in outs[:-1][::-1]]
+        return h, feats
+
+
+# --------------------------------------------------------------------------------------------
+# Decoupling heads
+# --------------------------------------------------------------------------------------------
+class HeadMLP(nn.Module):
+    """latent -> hidden -> out with ReLU (AniTalker's identity / motion encoders)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc1 = EqualLinear(in_dim, hidden)
+        self.fc2 = EqualLinear(hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MotionHead(nn.Module):
+    """h -> z_m (MLP) -> alpha: ``motion_linears`` stacked linears, no activation (as the
+    original; together they are one linear map, but the factorisation changes how Adam trains it).
+
+    h: (B, latent) -> z_m: (B, latent), alpha: (B, motion_dim), unbounded.
+    """
+
+    def __init__(self, cfg: Stage1Config) -> None:
+        super().__init__()
+        self.mlp = HeadMLP(cfg.latent_dim, cfg.head_hidden, cfg.latent_dim)
+        dims = [cfg.latent_dim] * cfg.motion_linears + [cfg.motion_dim]
+        self.to_alpha = nn.Sequential(*[EqualLinear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        z_m = self.mlp(h)
+        return z_m, self.to_alpha(z_m)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear Motion Decomposition
+# --------------------------------------------------------------------------------------------
+class LinearMotionDecomposition(nn.Module):
+    """Q: motion_dim orthonormal directions in R^latent; offset = alpha @ Q^T.
+
+    Training: a free (latent, motion_dim) weight, orthonormalised by reduced QR in fp32 on every
+    call (no bf16 QR kernel on CPU). Q is made unique by flipping columns so diag(R) > 0, so CPU
+    and CUDA agree. ``freeze()`` stores Q in the ``q`` buffer (saved with the state dict) and
+    from then on uses it verbatim: export graphs then hold a constant, not a QR.
+    """
+
+    def __init__(self, latent_dim: int, motion_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(latent_dim, motion_dim))
+        self.register_buffer("q", torch.zeros(latent_dim, motion_dim))
+        self.register_buffer("q_frozen", torch.zeros((), dtype=torch.bool))
+        # Python mirror of q_frozen: branching on a tensor would sync the device every call
+        self._frozen = False
+        self.register_load_state_dict_post_hook(LinearMotionDecomposition._sync_frozen)
+
+    @staticmethod
+    def _sync_frozen(module: nn.Module, incompatible_keys: object) -> None:
+        module._frozen = bool(module.q_frozen)
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def orthonormalise(self) -> Tensor:
+        """QR of the weight: (latent, motion_dim) float32 with Q^T Q = I."""
+        with fp32_region(self.weight.device.type):
+            q, r = torch.linalg.qr(self.weight.float(), mode="reduced")
+            sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+            return q * sign
+
+    def directions(self) -> Tensor:
+        """Q: (latent, motion_dim) float32, orthonormal columns."""
+        return self.q if self._frozen else self.orthonormalise()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Cache Q (from the current weight) and use the cache from now on."""
+        self.q.copy_(self.orthonormalise())
+        self.q_frozen.fill_(True)
+        self._frozen = True
+
+    @torch.no_grad()
+    def unfreeze(self) -> None:
+        self.q_frozen.fill_(False)
+        self._frozen = False
+
+    def forward(self, alpha: Tensor) -> Tensor:
+        """alpha: (B, motion_dim) -> offset (B, latent) = sum_k alpha_k q_k, float32."""
+        q = self.directions()
+        with fp32_region(q.device.type):
+            return alpha.float() @ q.t()
+
+
+# --------------------------------------------------------------------------------------------
+# Renderer G
+# --------------------------------------------------------------------------------------------
+class ToFlow(nn.Module):
+    """Styled 1×1 conv -> 3 channels (+ the upsampled previous level's): 2 -> tanh offset from
+    the identity grid, 1 -> sigmoid mask m. Warps the encoder features and blends:
+    fw = warp(F, offset)·m, next = fw + x·(1-m).
+
+    The conv weight starts at zero, so at init the warp is the identity (offset 0, m = 1/2):
+    the renderer starts from "copy the source features" instead of a random flow.
+    Everything here runs in fp32 (3 output channels: cheap) so the grid is exact under bf16.
+    """
+
+    def __init__(self, in_channels: int, style_dim: int, blur_kernel: list[int]) -> None:
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, 3, 1, style_dim, demodulate=False)
+        nn.init.zeros_(self.conv.weight)
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.upsample = Upsample(blur_kernel)
+
+    def forward(
+        self, x: Tensor, style: Tensor, feat: Tensor, grid: Tensor, skip: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, C, r, r) decoder features; style: (B, latent); feat: (B or 1, C, r, r) encoder
+        features; grid: (1, r, r, 2); skip: (B, 3, r/2, r/2) previous level's raw output or None.
+
+        Returns fw (B, C, r, r) warped·masked features, x_next (B, C, r, r), raw (B, 3, r, r)
+        (pre-activation flow/mask logits, the next level's skip). All float32.
+        """
+        with fp32_region(x.device.type):
+            raw = self.conv(x.float(), style.float()) + self.bias.reshape(1, 3, 1, 1)
+            if skip is not None:
+                raw = raw + self.upsample(skip)
+            offset = torch.tanh(raw[:, :2])
+            mask = torch.sigmoid(raw[:, 2:3])
+            feat = feat.float().expand(x.shape[0], -1, -1, -1)
+            warped = warp(feat, offset, grid)  # NCHW whatever the input layout
+            fw = warped * mask
+            xf = x.float()
+            if xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
+                # keep the decoder channels_last: a layout mix makes every later op slow
+                warped = warped.contiguous(memory_format=torch.channels_last)
+            x_next = torch.lerp(xf, warped, mask)  # = fw + x·(1-m), one pass
+        return fw, x_next, raw
+
+
+class ToRGB(nn.Module):
+    """1×1 conv C->3 (+ upsampled skip): RGB accumulated coarse to fine, in fp32 (the sum of six
+    levels in bf16 would cost about one 8-bit grey level)."""
+
+    def __init__(self, in_channels: int, blur_kernel: list[int], upsample: bool) -> None:
+        super().__init__()
+        self.conv = EqualConv2d(in_channels, 3, 1)
+        self.upsample = Upsample(blur_kernel) if upsample else None
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        """x: (B, C, r, r); skip: (B, 3, r/2, r/2) or None -> (B, 3, r, r) float32, unbounded."""
+        with fp32_region(x.device.type):
+            conv = self.conv
+            out = pointwise(x.float(), conv.weight[:, :, 0, 0] * conv.scale)
+            out = out + conv.bias.reshape(1, 3, 1, 1)
+            if skip is not None and self.upsample is not None:
+                out = out + self.upsample(skip)
+        return out
+
+
+class Renderer(nn.Module):
+    """G: (latent, source feature pyramid) -> image.
+
+    4×4 constant -> StyledConv; per level r = 8..S: StyledConv ×2 upsample, StyledConv, ToFlow
+    (warp F_r and blend into the decoder features), ToRGB of the warped features added to the
+    upsampled RGB skip. Every styled layer uses the same latent. Output tanh -> [-1, 1].
+    """
+
+    def __init__(self, cfg: Stage1Config) -> None:
+        super().__init__()
+        check_config(cfg)
+        widths = decoder_widths(cfg)  # 4..S
+        self.sizes = level_sizes(cfg.image_size)
+        bk = list(cfg.blur_kernel)
+        L = cfg.latent_dim
+        self.input = ConstantInput(widths[0])
+        self.conv1 = StyledConv(widths[0], widths[0], 3, L, blur_kernel=bk)
+        self.up_convs = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        self.to_flows = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            self.up_convs.append(StyledConv(a, b, 3, L, upsample=True, blur_kernel=bk))
+            self.convs.append(StyledConv(b, b, 3, L, blur_kernel=bk))
+            self.to_flows.append(ToFlow(b, L, bk))
+            self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0))
+        for r in self.sizes[1:]:
+            # constants, rebuilt on construction: not saved in checkpoints
+            self.register_buffer(f"grid_{r}", identity_grid(r), persistent=False)
+
+    def grids(self) -> list[Tensor]:
+        """Identity grids (1, r, r, 2) for r = 8..S."""
+        return [getattr(self, f"grid_{r}") for r in self.sizes[1:]]
+
+    def forward(self, latent: Tensor, feats: list[Tensor]) -> Tensor:
+        """latent: (B, latent_dim); feats: pyramid 8²..S² from ImageEncoder, batch 1 (broadcast
+        to all B latents: one source, many frames) or B.
+
+        Returns (B, 3, S, S) float32 in [-1, 1].
+        """
+        return self._run(latent, feats, collect=False)[0]
+
+    def forward_aux(
+        self, latent: Tensor, feats: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """As ``forward``, also returning per level the offsets (B, 2, r, r) (normalised units,
+        2/r per pixel) and masks (B, 1, r, r) in (0, 1), for losses and visualisation."""
+        return self._run(latent, feats, collect=True)
+
+    def _run(
+        self, latent: Tensor, feats: list[Tensor], collect: bool
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        if len(feats) != len(self.to_flows):
+            raise ValueError(f"renderer needs {len(self.to_flows)} feature maps, got {len(feats)}")
+        b = latent.shape[0]
+        x = self.conv1(self.input(b), latent)
+        rgb: Tensor | None = None
+        raw: Tensor | None = None
+        offsets: list[Tensor] = []
+        masks: list[Tensor] = []
+        for up, conv, to_flow, to_rgb, feat, grid in zip(
+            self.up_convs, self.convs, self.to_flows, self.to_rgbs, feats, self.grids()
+        ):
+            x = conv(up(x, latent), latent)
+            fw, x, raw = to_flow(x, latent, feat, grid, raw)
+            rgb = to_rgb(fw, rgb)
+            if collect:
+                offsets.append(torch.tanh(raw[:, :2]))
+                masks.append(torch.sigmoid(raw[:, 2:3]))
+        assert rgb is not None
+        return torch.tanh(rgb), offsets, masks
+
+
+# --------------------------------------------------------------------------------------------
+# The stage-1 model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Stage1Output:
+    """What the stage-1 losses need. B = batch of source/target pairs, N = extra images.
+
+    recon: (B, 3, S, S) in [-1, 1], target rebuilt from the source's h and pyramid + alpha_tgt.
+    h_*: (B, latent) encoder codes; z_id_*: identity codes; z_m_*: motion codes (B, latent);
+    alpha_*: (B, motion_dim). *_extra: the same codes for ``extra`` images (negatives,
+    augmented copies), (N, ...), or None when no extra images were given.
+    """
+
+    recon: Tensor
+    h_src: Tensor
+    h_tgt: Tensor
+    alpha_src: Tensor
+    alpha_tgt: Tensor
+    z_id_src: Tensor
+    z_id_tgt: Tensor
+    z_m_src: Tensor
+    z_m_tgt: Tensor
+    z_id_extra: Tensor | None = None
+    z_m_extra: Tensor | None = None
+    alpha_extra: Tensor | None = None
+
+
+class Stage1Model(nn.Module):
+    """E + HAL + identity/motion heads + LMD + G. Each method is one network call; inputs are
+    images (B, 3, S, S) in [-1, 1] unless stated."""
+
+    def __init__(self, cfg: Stage1Config) -> None:
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.encoder = ImageEncoder(cfg)
+        self.identity_head = HeadMLP(cfg.latent_dim, cfg.head_hidden, cfg.latent_dim)
+        self.motion_head = MotionHead(cfg)
+        self.lmd = LinearMotionDecomposition(cfg.latent_dim, cfg.motion_dim)
+        self.renderer = Renderer(cfg)
+
+    def encode(self, img: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """-> h (B, latent), feats (pyramid 8²..S², see ImageEncoder)."""
+        return self.encoder(img)
+
+    def motion(self, h: Tensor) -> Tensor:
+        """h (B, latent) -> alpha (B, motion_dim)."""
+        return self.motion_head(h)[1]
+
+    def motion_code(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h (B, latent) -> z_m (B, latent), alpha (B, motion_dim)."""
+        return self.motion_head(h)
+
+    def identity(self, h: Tensor) -> Tensor:
+        """h (B, latent) -> z_id (B, latent)."""
+        return self.identity_head(h)
+
+    def latent(self, h_src: Tensor, alpha: Tensor) -> Tensor:
+        """h_src (1 or B, latent) + Q·alpha (B, motion_dim) -> (B, latent) float32."""
+        return h_src.float() + self.lmd(alpha)
+
+    def render(self, h_src: Tensor, feats_src: list[Tensor], alpha: Tensor) -> Tensor:
+        """Source code + pyramid (batch 1 or B) and B motion vectors -> (B, 3, S, S) in [-1, 1]."""
+        return self.renderer(self.latent(h_src, alpha), feats_src)
+
+    def forward(self, source: Tensor, target: Tensor, extra: Tensor | None = None) -> Stage1Output:
+        """Training step: encode source, target (and extra) in one batched pass, rebuild the
+        target from the source. source/target: (B, 3, S, S); extra: (N, 3, S, S) or None."""
+        b = source.shape[0]
+        imgs = [source, target] + ([extra] if extra is not None else [])
+        h, feats = self.encoder(torch.cat(imgs, dim=0))
+        z_id = self.identity_head(h)
+        z_m, alpha = self.motion_head(h)
+        recon = self.render(h[:b], [f[:b] for f in feats], alpha[b : 2 * b])
+        has_extra = extra is not None
+        return Stage1Output(
+            recon=recon,
+            h_src=h[:b],
+            h_tgt=h[b : 2 * b],
+            alpha_src=alpha[:b],
+            alpha_tgt=alpha[b : 2 * b],
+            z_id_src=z_id[:b],
+            z_id_tgt=z_id[b : 2 * b],
+            z_m_src=z_m[:b],
+            z_m_tgt=z_m[b : 2 * b],
+            z_id_extra=z_id[2 * b :] if has_extra else None,
+            z_m_extra=z_m[2 * b :] if has_extra else None,
+            alpha_extra=alpha[2 * b :] if has_extra else None,
+        )
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per module (see the module docstring's table)."""
+
+        def n(m: nn.Module | list) -> int:
+            mods = m if isinstance(m, list) else [m]
+            return sum(p.numel() for mod in mods for p in mod.parameters())
+
+        enc = self.encoder
+        hal = n(list(enc.hal_proj)) + enc.hal_logits.numel()
+        counts = {
+            "encoder": n(enc) - hal,
+            "hal": hal,
+            "identity_head": n(self.identity_head),
+            "motion_head": n(self.motion_head),
+            "lmd": n(self.lmd),
+            "renderer": n(self.renderer),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Training-only heads: CLUB, AAM-softmax, discriminator
+# --------------------------------------------------------------------------------------------
+class CLUB(nn.Module):
+    """Variational q(z_m | z_id) = N(mu(z_id), diag exp(logvar(z_id))) for the CLUB upper bound
+    on I(z_id; z_m) (Cheng et al. 2020). Trunk = AniTalker's density MLP's first layer; the
+    log-variance is tanh-bounded to [-1, 1] as in the reference CLUB code, for stability.
+
+    Alternate: ``-loglik`` trains this net (encoders detached); ``mi_upper`` trains the encoders.
+    """
+
+    def __init__(self, latent_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.trunk = EqualLinear(latent_dim, hidden)
+        self.mu = EqualLinear(hidden, latent_dim)
+        self.logvar = EqualLinear(hidden, latent_dim)
+
+    def forward(self, z_id: Tensor) -> tuple[Tensor, Tensor]:
+        """z_id (B, latent) -> mu, logvar (B, latent) float32."""
+        with fp32_region(z_id.device.type):
+            t = F.relu(self.trunk(z_id.float()))
+            return self.mu(t), torch.tanh(self.logvar(t))
+
+    def loglik(self, z_id: Tensor, z_m: Tensor) -> Tensor:
+        """Mean over the batch of log q(z_m | z_id) (dropping the 2π constant): scalar.
+        Maximise it (estimator step) with z_id, z_m detached."""
+        mu, logvar = self(z_id)
+        return (-((z_m.float() - mu) ** 2) / logvar.exp() - logvar).sum(dim=1).mean() / 2
+
+    def mi_upper(self, z_id: Tensor, z_m: Tensor, perm: Tensor | None = None) -> Tensor:
+        """CLUB-sample estimate E[log q(z_m_i|z_id_i)] - E[log q(z_m_perm(i)|z_id_i)]: scalar.
+
+        perm: (B,) int64 permutation giving the in-batch negatives; default pairs sample i with
+        i+1 (a deterministic derangement: no sample is its own negative). Minimise it (encoder
+        step); gradients reach the encoders through z_id and z_m.
+        """
+        mu, logvar = self(z_id)
+        z = z_m.float()
+        neg = torch.roll(z, 1, dims=0) if perm is None else z[perm]
+        inv_var = (-logvar).exp()
+        pos = -((z - mu) ** 2) * inv_var
+        negl = -((neg - mu) ** 2) * inv_var
+        return (pos.sum(dim=1) - negl.sum(dim=1)).mean() / 2
+
+
+class ArcMarginProduct(nn.Module):
+    """AAM-softmax (ArcFace) logits: s·cos(θ_y + m) for the true class, s·cos θ_j otherwise.
+
+    weight: (num_ids, latent). emb (B, latent), labels (B,) int64 -> logits (B, num_ids) float32,
+    for F.cross_entropy. labels=None gives s·cos θ (no margin), for evaluation.
+    """
+
+    def __init__(
+        self, latent_dim: int, num_ids: int, margin: float = 0.2, scale: float = 30.0
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_ids, latent_dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.margin = margin
+        self.scale = scale
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        # past θ = π - m, cos(θ + m) stops decreasing: use the linear extension (insightface)
+        self.th = math.cos(math.pi - margin)
+        self.mm = math.sin(math.pi - margin) * margin
+
+    def forward(self, emb: Tensor, labels: Tensor | None = None) -> Tensor:
+        with fp32_region(emb.device.type):
+            cos = F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            if labels is None:
+                return cos * self.scale
+            sin = torch.sqrt((1.0 - cos.square()).clamp(0.0, 1.0))
+            phi = cos * self.cos_m - sin * self.sin_m
+            phi = torch.where(cos > self.th, phi, cos - self.mm)
+            onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+            return (onehot * phi + (1.0 - onehot) * cos) * self.scale
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 discriminator: 1×1 conv, ResBlocks to 4², minibatch stddev (group <= 4, one
+    feature), 3×3 conv, linear (fused leaky ReLU), linear -> one logit.
+
+    channels: widths at resolutions [S, ..., 4] (the last log2(S)-1 entries are used, as
+    ``enc_channels``). img (B, 3, S, S) in [-1, 1] -> (B, 1) logits.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        channels: list[int],
+        blur_kernel: list[int] | None = None,
+        stddev_group: int = 4,
+    ) -> None:
+        super().__init__()
+        bk = list(blur_kernel or [1, 3, 3, 1])
+        n = len(level_sizes(image_size))
+        if len(channels) < n:
+            raise ValueError(f"discriminator needs {n} widths for {image_size}², got {channels}")
+        widths = list(channels[-n:])
+        layers: list[nn.Module] = [ConvLayer(3, widths[0], 1, blur_kernel=bk)]
+        layers += [ResBlock(a, b, bk) for a, b in zip(widths[:-1], widths[1:])]
+        self.convs = nn.Sequential(*layers)
+        self.stddev_group = stddev_group
+        c = widths[-1]
+        self.final_conv = ConvLayer(c + 1, c, 3, blur_kernel=bk)
+        self.final_linear = nn.Sequential(
+            EqualLinear(c * 4 * 4, c, activation=True), EqualLinear(c, 1)
+        )
+
+    def forward(self, img: Tensor) -> Tensor:
+        x = self.convs(img)
+        b, c, h, w = x.shape
+        # largest group size <= stddev_group that divides the batch
+        g = next(k for k in range(min(b, self.stddev_group), 0, -1) if b % k == 0)
+        y = x.float().reshape(g, b // g, 1, c, h, w)
+        y = torch.sqrt(y.var(dim=0, unbiased=False) + 1e-8).mean(dim=(2, 3, 4))  # (b/g, 1)
+        y = y.reshape(b // g, 1, 1, 1).repeat(g, 1, h, w).to(x.dtype)
+        x = self.final_conv(torch.cat([x, y], dim=1))
+        return self.final_linear(x.flatten(1))

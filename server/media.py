@@ -1,0 +1,249 @@
+"""Media plumbing shared by every room: the media clock, encode-once encoders and packet tracks.
+
+Encode once, fan out: a room encodes each video frame once (VP8) and each 20 ms of audio once
+(Opus) and hands the same ``av.Packet`` objects to every viewer's tracks; aiortc's RTP sender only
+packetizes pre-encoded packets (``Encoder.pack``), so the per-viewer cost is RTP and SRTP, not
+encoding. The price is one bitrate for everyone (no per-viewer congestion control) and keyframes
+on request (a new viewer, a PLI) for all viewers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import threading
+import time
+from collections.abc import Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engine.session_api import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+VIDEO_CLOCK_HZ = 90000  # RTP video clock
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+OPUS_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms at 16 kHz: two Opus packets per video frame
+
+
+def video_pts(samples: int) -> int:
+    """A 16 kHz sample position as a 90 kHz video pts (exact: 640 samples = 3600 ticks)."""
+    return samples * VIDEO_CLOCK_HZ // SAMPLE_RATE
+
+
+class MediaClock:
+    """Maps a room's sample timeline to wall time (``time.monotonic``).
+
+    One clock per room, shared by the worker (which pushes input up to "now" on this clock) and
+    the pacer (which sends frame pts P when the clock reaches P + delay). Both sides move with
+    it, so when the pacer waits for a late frame (``delay``) input waits too, and when an
+    interrupt skips queued output (``skip``) input jumps with it: queues never grow.
+    """
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE) -> None:
+        self.sample_rate = sample_rate
+        self._origin = time.monotonic()
+        self._offset_samples = 0
+        self._lock = threading.Lock()
+
+    def now_samples(self, t: float | None = None) -> int:
+        t = time.monotonic() if t is None else t
+        with self._lock:
+            return int((t - self._origin) * self.sample_rate) + self._offset_samples
+
+    def wall_time(self, samples: int) -> float:
+        with self._lock:
+            return self._origin + (samples - self._offset_samples) / self.sample_rate
+
+    def delay(self, seconds: float) -> None:
+        """The timeline waits ``seconds`` (output was late: a stall)."""
+        with self._lock:
+            self._origin += seconds
+
+    def skip(self, samples: int) -> None:
+        """The timeline jumps ``samples`` ahead (queued output was dropped by an interrupt)."""
+        with self._lock:
+            self._offset_samples += samples
+
+
+class Vp8Encoder:
+    """VP8 with aiortc's real-time settings, producing ``av.Packet``s for ``Encoder.pack``.
+
+    Unlike aiortc's per-sender encoder, keyframes come every ``keyframe_interval`` frames (so a
+    viewer that lost packets recovers without asking) and on request (a new viewer, a PLI)."""
+
+    def __init__(self, bitrate: int, keyframe_interval: int) -> None:
+        self.bitrate = bitrate
+        self.keyframe_interval = keyframe_interval
+        self._codec: av.VideoCodecContext | None = None
+        self._frames = 0
+
+    def encode(self, rgb: np.ndarray, force_keyframe: bool = False) -> av.Packet | None:
+        """rgb: (H, W, 3) uint8 -> one packet (None if the encoder held the frame back)."""
+        h, w = rgb.shape[:2]
+        if self._codec is None or (self._codec.width, self._codec.height) != (w, h):
+            self._codec = self._open(w, h)
+            force_keyframe = True
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        frame.pts = self._frames
+        frame.time_base = fractions.Fraction(1, 25)
+        if force_keyframe:
+            frame.pict_type = av.video.frame.PictureType.I
+        self._frames += 1
+        packets = self._codec.encode(frame)
+        if not packets:
+            return None
+        if len(packets) == 1:
+            return packets[0]
+        # lag-in-frames=0 gives one packet per frame; join defensively if libvpx ever splits.
+        joined = av.Packet(b"".join(bytes(p) for p in packets))
+        joined.is_keyframe = any(p.is_keyframe for p in packets)
+        return joined
+
+    def reset(self) -> None:
+        """Drop the encoder state (the next frame is a keyframe)."""
+        self._codec = None
+
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height = width, height
+        codec.pix_fmt = "yuv420p"
+        codec.bit_rate = self.bitrate
+        codec.time_base = fractions.Fraction(1, 25)
+        codec.framerate = 25
+        codec.gop_size = self.keyframe_interval
+        codec.qmin, codec.qmax = 2, 56
+        codec.options = {
+            "deadline": "realtime",
+            "cpu-used": "8",  # fastest real-time preset: this runs next to the model
+            "lag-in-frames": "0",  # one packet out per frame in: no added latency
+            "bufsize": str(self.bitrate),
+            "minrate": str(self.bitrate),  # minrate = maxrate = bit_rate: CBR, like aiortc
+            "maxrate": str(self.bitrate),
+            "undershoot-pct": "100",
+            "overshoot-pct": "15",
+            "static-thresh": "1",
+            "partitions": "0",
+        }
+        codec.thread_count = 1  # two shared cores: the model needs the other one
+        return codec
+
+
+class OpusEncoder:
+    """16 kHz mono Opus, 20 ms packets: one video frame's 640 samples -> two packets.
+
+    Encoding at the engine's own rate avoids a resampler whose delay would shift audio against
+    video; RTP still runs the Opus clock at 48 kHz (aiortc converts from the packet time base)."""
+
+    def __init__(self, bitrate: int = 32000) -> None:
+        codec = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = SAMPLE_RATE
+        codec.layout = "mono"
+        codec.format = "s16"
+        codec.bit_rate = bitrate
+        codec.time_base = AUDIO_TIME_BASE
+        codec.options = {"application": "voip"}
+        self._codec = codec
+        self._samples = 0
+
+    def encode(self, pcm16: np.ndarray) -> list[av.Packet]:
+        """pcm16: (640,) int16 -> two 20 ms packets (pts set later by the pacer)."""
+        out: list[av.Packet] = []
+        for i in range(0, len(pcm16), OPUS_FRAME_SAMPLES):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(pcm16[None, i : i + OPUS_FRAME_SAMPLES]),
+                format="s16", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts = self._samples
+            self._samples += OPUS_FRAME_SAMPLES
+            out.extend(self._codec.encode(frame))
+        return out
+
+
+class PacketTrack(MediaStreamTrack):
+    """An outgoing track fed with pre-encoded packets by the room's pacer.
+
+    recv() returns the moment the pacer delivers, so the pacer's timing is the send timing. A
+    track only queues once its sender has started reading (before that, packets are dropped),
+    and a video track skips to the next keyframe after any loss, asking the room for one."""
+
+    def __init__(
+        self,
+        kind: str,
+        max_queue: int = 8,
+        on_keyframe_needed: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue()
+        self._max_queue = max_queue
+        self._on_keyframe_needed = on_keyframe_needed
+        self._started = False
+        self._need_keyframe = kind == "video"
+        self.dropped = 0
+
+    @property
+    def synced(self) -> bool:
+        """True once the sender reads and (for video) a keyframe went out."""
+        return self._started and not self._need_keyframe
+
+    def put(self, packet: av.Packet) -> None:
+        """Called on the event loop by the pacer."""
+        if not self._started or self.readyState != "live":
+            return
+        if self._need_keyframe:
+            if not packet.is_keyframe:
+                return
+            self._need_keyframe = False
+        if self._queue.qsize() >= self._max_queue:
+            # The sender is not keeping up: drop the backlog rather than let latency grow. For
+            # video the next packets would reference dropped ones, so wait for a keyframe.
+            while not self._queue.empty():
+                self._queue.get_nowait()
+                self.dropped += 1
+            if self.kind == "video":
+                self._need_keyframe = not packet.is_keyframe
+                if self._need_keyframe:
+                    self._ask_keyframe()
+                    return
+        self._queue.put_nowait(packet)
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        if not self._started:
+            self._started = True
+            if self.kind == "video":
+                self._ask_keyframe()
+        packet = await self._queue.get()
+        if packet is None:
+            raise MediaStreamError
+        return packet
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            super().stop()
+            self._queue.put_nowait(None)  # wake a pending recv()
+
+    def _ask_keyframe(self) -> None:
+        if self._on_keyframe_needed is not None:
+            self._on_keyframe_needed()
+
+
+def int16_pcm(audio: np.ndarray) -> np.ndarray:
+    """(N,) float in [-1, 1] -> (N,) int16."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+__all__ = [
+    "AUDIO_TIME_BASE",
+    "MediaClock",
+    "OpusEncoder",
+    "PacketTrack",
+    "SAMPLES_PER_FRAME",
+    "VIDEO_TIME_BASE",
+    "Vp8Encoder",
+    "int16_pcm",
+    "video_pts",
+]

@@ -1,0 +1,299 @@
+"""Stage-1 networks: shapes, parameter counts, LMD, warp, batching, gradients, bf16.
+
+Small images (32²/64²) and the tiny widths keep this fast; the paper config is only built and
+counted, never run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.config import Stage1Config, load_config
+from engine.models.stage1 import (
+    CLUB,
+    ArcMarginProduct,
+    Discriminator,
+    Stage1Model,
+    ToFlow,
+    identity_grid,
+    warp,
+)
+
+ANITALKER_STAGE1_PARAMS = 46.9e6
+
+
+def tiny(image_size: int = 64) -> Stage1Config:
+    return dataclasses.replace(load_config("tiny").stage1, image_size=image_size)
+
+
+def images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def model64() -> Stage1Model:
+    torch.manual_seed(0)
+    return Stage1Model(tiny(64)).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts and shapes
+# --------------------------------------------------------------------------------------------
+def test_paper_param_count_matches_anitalker() -> None:
+    cfg = Stage1Config()  # the paper sizes are the defaults
+    counts = Stage1Model(cfg).param_counts()
+    club = sum(p.numel() for p in CLUB(cfg.latent_dim, cfg.club_hidden).parameters())
+    # AniTalker's 46.9 M (its Generator) includes the CLUB variational MLP: see stage1.py
+    assert abs(counts["total"] + club - ANITALKER_STAGE1_PARAMS) / ANITALKER_STAGE1_PARAMS < 0.01
+    # the per-module breakdown documented in stage1.py
+    assert counts == {
+        "encoder": 21_635_648,
+        "hal": 230_920,
+        "identity_head": 525_312,
+        "motion_head": 1_586_196,
+        "lmd": 10_240,
+        "renderer": 22_407_972,
+        "total": 46_396_288,
+    }
+
+
+def test_paper_shapes_at_small_size() -> None:
+    # paper widths at 32² (the top levels of the paper renderer), one cheap forward
+    cfg = dataclasses.replace(Stage1Config(), image_size=32)
+    m = Stage1Model(cfg).eval()
+    with torch.no_grad():
+        h, feats = m.encode(images(1, 32))
+        assert h.shape == (1, 512)
+        assert [tuple(f.shape) for f in feats] == [(1, 512, 8, 8), (1, 512, 16, 16), (1, 512, 32, 32)]
+        out = m.render(h, feats, torch.randn(2, 20))
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_tiny_shapes_and_range(model64: Stage1Model) -> None:
+    cfg = model64.cfg
+    src, tgt, extra = images(2, 64, 1), images(2, 64, 2), images(3, 64, 3)
+    with torch.no_grad():
+        out = model64(src, tgt, extra)
+    L, M = cfg.latent_dim, cfg.motion_dim
+    assert out.recon.shape == (2, 3, 64, 64)
+    assert out.recon.abs().max() <= 1.0
+    assert out.alpha_tgt.shape == out.alpha_src.shape == (2, M)
+    for z in (out.h_src, out.h_tgt, out.z_id_src, out.z_id_tgt, out.z_m_src, out.z_m_tgt):
+        assert z.shape == (2, L)
+    assert out.z_id_extra is not None and out.z_id_extra.shape == (3, L)
+    assert out.z_m_extra is not None and out.z_m_extra.shape == (3, L)
+    assert out.alpha_extra is not None and out.alpha_extra.shape == (3, M)
+    # the one batched encoder pass equals separate calls
+    with torch.no_grad():
+        h_t = model64.encode(tgt)[0]
+    torch.testing.assert_close(out.h_tgt, h_t, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_256_builds_and_feature_pyramid() -> None:
+    cfg = load_config("tiny").stage1
+    assert cfg.image_size == 256
+    m = Stage1Model(cfg)
+    with torch.no_grad():
+        h, feats = m.encode(images(1, 256))
+    assert h.shape == (1, cfg.latent_dim)
+    sizes = [f.shape[-1] for f in feats]
+    assert sizes == [8, 16, 32, 64, 128, 256]
+    widths = [f.shape[1] for f in feats]
+    assert widths == cfg.dec_channels[1:7]
+
+
+def test_mismatched_widths_rejected() -> None:
+    cfg = dataclasses.replace(tiny(64), dec_channels=[64, 64, 32, 16, 7])
+    with pytest.raises(ValueError, match="differ at"):
+        Stage1Model(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear Motion Decomposition
+# --------------------------------------------------------------------------------------------
+def test_lmd_orthonormal_and_freeze(model64: Stage1Model) -> None:
+    lmd = model64.lmd
+    q = lmd.directions()
+    eye = torch.eye(q.shape[1])
+    torch.testing.assert_close(q.t() @ q, eye, atol=1e-5, rtol=0)
+    alpha = torch.randn(4, q.shape[1])
+    before = lmd(alpha)
+    assert not lmd.frozen
+    lmd.freeze()
+    try:
+        assert lmd.frozen
+        torch.testing.assert_close(lmd.q, q.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(lmd(alpha), before, atol=0, rtol=0)
+        # the frozen Q survives a state-dict round trip and is used verbatim
+        other = Stage1Model(model64.cfg)
+        other.load_state_dict(model64.state_dict())
+        assert other.lmd.frozen
+        with torch.no_grad():
+            other.lmd.weight.add_(1.0)  # a new weight must not change the frozen Q
+        torch.testing.assert_close(other.lmd(alpha), before, atol=0, rtol=0)
+    finally:
+        lmd.unfreeze()
+
+
+def test_lmd_sign_convention_is_unique() -> None:
+    torch.manual_seed(3)
+    cfg = tiny(32)
+    lmd = Stage1Model(cfg).lmd
+    q = lmd.directions()
+    r = q.t() @ lmd.weight.detach()  # R = Q^T W, upper triangular with positive diagonal
+    assert (torch.diagonal(r) > 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Warping
+# --------------------------------------------------------------------------------------------
+def test_identity_grid_and_translation() -> None:
+    feat = torch.randn(2, 5, 16, 16)
+    grid = identity_grid(16)
+    zero = torch.zeros(2, 2, 16, 16)
+    torch.testing.assert_close(warp(feat, zero, grid), feat, atol=1e-5, rtol=0)
+    # a flow of +1 px in x (2/W in normalised units) samples one pixel to the right
+    shift = zero.clone()
+    shift[:, 0] = 2.0 / 16
+    out = warp(feat, shift, grid)
+    torch.testing.assert_close(out[..., :-1], feat[..., 1:], atol=1e-5, rtol=0)
+    assert out[..., -1].abs().max() < 0.51 * feat.abs().max()  # zero padding beyond the edge
+    # and +2 px in y
+    shift = zero.clone()
+    shift[:, 1] = 4.0 / 16
+    out = warp(feat, shift, grid)
+    torch.testing.assert_close(out[:, :, :-2], feat[:, :, 2:], atol=1e-5, rtol=0)
+
+
+def test_toflow_zero_weights_is_identity_warp() -> None:
+    torch.manual_seed(0)
+    tf = ToFlow(6, 16, [1, 3, 3, 1])
+    # ToFlow starts with a zero conv weight: offset exactly 0, mask exactly 1/2
+    x = torch.randn(3, 6, 8, 8)
+    feat = torch.randn(1, 6, 8, 8)
+    fw, x_next, raw = tf(x, torch.randn(3, 16), feat, identity_grid(8), None)
+    assert torch.equal(raw, torch.zeros_like(raw))
+    torch.testing.assert_close(fw, 0.5 * feat.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_next, fw + 0.5 * x, atol=1e-6, rtol=0)
+
+
+def test_renderer_flow_is_zero_at_init(model64: Stage1Model) -> None:
+    with torch.no_grad():
+        h, feats = model64.encode(images(1, 64))
+        lat = model64.latent(h, torch.randn(2, model64.cfg.motion_dim))
+        _, offsets, masks = model64.renderer.forward_aux(lat, feats)
+    assert len(offsets) == len(masks) == 4
+    for o, m in zip(offsets, masks):
+        assert torch.equal(o, torch.zeros_like(o))
+        torch.testing.assert_close(m, torch.full_like(m, 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Batching, gradients, bf16
+# --------------------------------------------------------------------------------------------
+def test_batch_of_latents_with_one_pyramid_equals_separate(model64: Stage1Model) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        # random ToFlow weights so the warp actually moves things
+        for tf in model64.renderer.to_flows:
+            tf.conv.weight.normal_()
+        try:
+            h, feats = model64.encode(images(1, 64, 5))
+            alpha = torch.randn(4, model64.cfg.motion_dim)
+            batched = model64.render(h, feats, alpha)
+            single = torch.cat([model64.render(h, feats, alpha[i : i + 1]) for i in range(4)])
+            # a pyramid repeated B times gives the same frames as the broadcast one
+            rep = model64.render(h.expand(4, -1), [f.expand(4, -1, -1, -1) for f in feats], alpha)
+        finally:
+            for tf in model64.renderer.to_flows:
+                tf.conv.weight.zero_()
+    torch.testing.assert_close(batched, single, atol=2e-4, rtol=1e-3)  # conv algos differ by B
+    torch.testing.assert_close(batched, rep, atol=1e-6, rtol=0)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_gradients_reach_every_part() -> None:
+    torch.manual_seed(0)
+    m = Stage1Model(tiny(32)).train()
+    for tf in m.renderer.to_flows:  # non-zero flow weights so the warp path carries gradient
+        torch.nn.init.normal_(tf.conv.weight)
+    out = m(images(2, 32, 1), images(2, 32, 2))
+    club = CLUB(m.cfg.latent_dim, m.cfg.club_hidden)
+    loss = out.recon.abs().mean() + 0.1 * club.mi_upper(out.z_id_tgt, out.z_m_tgt)
+    loss = loss + out.z_id_src.square().mean()
+    loss.backward()
+    groups = {
+        "encoder": m.encoder.layers[0],
+        "encoder_final": m.encoder.final,
+        "hal": m.encoder,
+        "identity_head": m.identity_head,
+        "motion_head": m.motion_head,
+        "lmd": m.lmd,
+        "renderer_const": m.renderer.input,
+        "renderer_flow": m.renderer.to_flows[0],
+        "renderer_rgb": m.renderer.to_rgbs[-1],
+    }
+    for name, mod in groups.items():
+        grads = [p.grad for p in mod.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    assert m.encoder.hal_logits.grad is not None and m.encoder.hal_logits.grad.abs().sum() > 0
+    assert m.lmd.weight.grad is not None and m.lmd.weight.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_forward(model64: Stage1Model) -> None:
+    src, tgt = images(2, 64, 1), images(2, 64, 2)
+    with torch.no_grad():
+        ref = model64(src, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model64(src, tgt)
+            _, offsets, _ = model64.renderer.forward_aux(
+                model64.latent(out.h_src, out.alpha_tgt), model64.encode(src)[1]
+            )
+    assert out.recon.dtype == torch.float32 and torch.isfinite(out.recon).all()
+    assert out.recon.abs().max() <= 1.0
+    assert all(o.dtype == torch.float32 for o in offsets)
+    assert (out.recon - ref.recon).abs().mean() < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# Training heads
+# --------------------------------------------------------------------------------------------
+def test_club_estimator_and_bound() -> None:
+    torch.manual_seed(0)
+    club = CLUB(8, 16)
+    z_id = torch.randn(32, 8)
+    z_m = z_id.clone()  # fully dependent: after fitting q, the MI estimate must be large
+    opt = torch.optim.Adam(club.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        (-club.loglik(z_id, z_m)).backward()
+        opt.step()
+    assert club.mi_upper(z_id, z_m) > 1.0
+    indep = CLUB(8, 16)
+    mi = indep.mi_upper(z_id, torch.randn(32, 8), perm=torch.randperm(32))
+    assert mi.shape == ()
+
+
+def test_aam_softmax_margin() -> None:
+    torch.manual_seed(0)
+    head = ArcMarginProduct(16, 10, margin=0.2, scale=30.0)
+    emb = torch.randn(4, 16)
+    labels = torch.tensor([0, 3, 5, 9])
+    plain = head(emb)
+    margin = head(emb, labels)
+    assert margin.shape == (4, 10)
+    idx = torch.arange(4)
+    assert (margin[idx, labels] < plain[idx, labels]).all()  # the true class is penalised
+    mask = torch.ones_like(plain, dtype=torch.bool)
+    mask[idx, labels] = False
+    torch.testing.assert_close(margin[mask], plain[mask])
+
+
+def test_discriminator_shapes() -> None:
+    d = Discriminator(32, [16, 32, 32, 32, 32, 32, 32])
+    for b in (1, 3, 4, 6):
+        assert d(images(b, 32)).shape == (b, 1)

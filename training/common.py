@@ -1,0 +1,197 @@
+"""What every training recipe shares: distributed setup (torchrun/DDP), per-step RNG, atomic
+checkpoints with exact resume, EMA, JSONL metrics and a progress bar.
+
+Exact resume rests on one rule: everything random in step ``s`` is drawn from generators seeded
+by (run seed, s, rank), never from a global stream. A run that stops after step s and resumes
+therefore computes the same steps s+1, s+2, ... as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.config import Config, from_dict, to_dict
+from engine.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set).
+
+    NCCL on CUDA, gloo on CPU; one process per GPU (LOCAL_RANK picks it). Without torchrun this
+    is a single process and nothing is initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but no CUDA GPU is visible")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= info.world_size
+    return x
+
+
+def allreduce_grads(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average gradients across ranks for a module that is not wrapped in DDP."""
+    if not info.enabled:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= info.world_size
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness per step
+# --------------------------------------------------------------------------------------------
+def step_seed(run_seed: int, step: int, rank: int, stream: int = 0) -> int:
+    ss = np.random.SeedSequence([run_seed, step, rank, stream])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
+
+
+def step_rngs(run_seed: int, step: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
+    """A numpy generator (data) and a torch generator (noise, shuffles) for one training step."""
+    g = torch.Generator().manual_seed(step_seed(run_seed, step, rank, 1))
+    return np.random.default_rng(step_seed(run_seed, step, rank, 0)), g
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (kept in fp32)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone().float() for k, v in sd.items()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict[str, Any], cfg: Config) -> None:
+    """Atomic: write to a temp file, then rename, so a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(state, config=to_dict(cfg))
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    (path.parent / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing error here
+        raise UserError(f"{path}: not a readable livehead checkpoint ({e})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise UserError(f"{path}: not a livehead training checkpoint")
+    return state, from_dict(state["config"], where=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and progress
+# --------------------------------------------------------------------------------------------
+class MetricsLog:
+    """One JSON object per line in ``run_dir/metrics.jsonl``; TensorBoard too if installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(str(run_dir / "tb"))
+                except ImportError:
+                    self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time(), 3)}
+        rec.update({k: round(float(v), 6) for k, v in values.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), step)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint's step (they will be redone)."""
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return
+    keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    p.write_text("".join(ln + "\n" for ln in keep))

@@ -1,0 +1,183 @@
+"""Stage-1 evaluation: self- and cross-reenactment against the synthetic world's exact ground
+truth, identity leakage, and self-reenactment on real videos when they are present.
+
+    livehead eval stage1 [--checkpoint weights/stage1_tiny.safetensors] --json
+
+Metrics (all on held-out identities, which training never sees):
+- ``self_psnr``, ``self_ssim``: source = the clip's first frame; every later frame is rebuilt
+  from the source with the motion the encoder reads off that frame. Also ``self_face_psnr``:
+  the same PSNR restricted to the central face box (the static background inflates full-frame
+  PSNR).
+- ``cross_psnr``, ``cross_ssim``: identity A's first frame driven by identity B's clip, compared
+  with the world's rendering of A with B's motion (exact ground truth).
+- ``id_leakage``: how far the cross-reenacted output moves from the right answer towards the
+  driving frame. With G = ground truth (A with B's motion), D = the driving frame (B with the
+  same motion) and O = output, leakage = <O - G, D - G> / ||D - G||² per frame, averaged: the
+  least-squares coefficient of the driver's appearance in the error. 0 = no leakage, 1 = the
+  output is the driver.
+- ``copy_psnr``: PSNR of simply repeating the source frame (the floor a model must beat).
+- ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
+  ../shared/data/real/video (null when that folder is absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import Config
+from engine.errors import UserError
+from engine.models.stage1 import Stage1Model
+from engine.reenact import reenact_frames
+from engine.tensors import to_tensor
+from training.losses import psnr, ssim
+
+REAL_VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "video"
+
+
+def load_stage1(path: str | Path | None) -> tuple[Stage1Model, Config, dict]:
+    """A stage-1 model from safetensors (default: bundled) or a training checkpoint's EMA."""
+    from engine import loading
+    from engine.weights import load_into
+    from training.common import load_checkpoint
+
+    if path is not None and Path(path).suffix == ".pt":
+        st, cfg = load_checkpoint(Path(path))
+        model = Stage1Model(cfg.stage1)
+        load_into(model, st["ema"], str(path))
+        model.lmd.freeze()
+        meta = {"step": st["step"], "perceptual": st.get("perceptual"), "data": st.get("data")}
+        return model.eval(), cfg, meta
+    return loading.load_stage1(path)
+
+
+def _face_box(x: torch.Tensor) -> torch.Tensor:
+    s = x.shape[-1]
+    return x[..., s // 8 : s - s // 8, s // 5 : s - s // 5]
+
+
+@torch.no_grad()
+def eval_synthetic(
+    model: Stage1Model, cfg: Config, n_ids: int = 8, frames: int = 40, seed: int = 1234
+) -> dict[str, float]:
+    from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
+
+    size = cfg.stage1.image_size
+    ids = heldout_ids(cfg.world)[:n_ids]
+    if len(ids) < 2:
+        raise UserError("stage-1 eval needs at least 2 held-out identities")
+    rng = np.random.default_rng(seed)
+    clips = {}
+    for i in ids:
+        motion = clip_motion_only(cfg.world, int(i), frames, rng)
+        clips[int(i)] = (get_identity(cfg.world, int(i)), motion)
+    sp, ss, sf, cp, cs, leak, copy = [], [], [], [], [], [], []
+    for k, a in enumerate(clips):
+        ident_a, mot_a = clips[a]
+        video = to_tensor(render_frames(ident_a, mot_a, size))
+        src, tgt = video[:1], video[1:]
+        out = reenact_frames(model, src, tgt)
+        sp.append(psnr(out, tgt))
+        ss.append(ssim(out, tgt))
+        sf.append(psnr(_face_box(out), _face_box(tgt)))
+        copy.append(psnr(src.expand_as(tgt), tgt))
+        # cross: A's first frame driven by B's clip
+        b = list(clips)[(k + 1) % len(clips)]
+        ident_b, mot_b = clips[b]
+        driving = to_tensor(render_frames(ident_b, mot_b[1:], size))
+        truth = to_tensor(render_frames(ident_a, mot_b[1:], size))
+        out_x = reenact_frames(model, src, driving)
+        cp.append(psnr(out_x, truth))
+        cs.append(ssim(out_x, truth))
+        d = (driving - truth).flatten(1)
+        e = (out_x - truth).flatten(1)
+        denom = d.pow(2).sum(1)
+        ok = denom > 1e-3
+        if bool(ok.any()):
+            leak.append((e * d).sum(1)[ok] / denom[ok])
+
+    def mean(xs: list[torch.Tensor]) -> float:
+        return float(torch.cat(xs).mean()) if xs else float("nan")
+
+    return {
+        "self_psnr": mean(sp),
+        "self_ssim": mean(ss),
+        "self_face_psnr": mean(sf),
+        "cross_psnr": mean(cp),
+        "cross_ssim": mean(cs),
+        "id_leakage": mean(leak),
+        "copy_psnr": mean(copy),
+    }
+
+
+@torch.no_grad()
+def eval_real(
+    model: Stage1Model, cfg: Config, video_dir: Path, max_videos: int = 6, frames: int = 40
+) -> dict[str, float | None]:
+    """Self-reenactment on fixed face crops of real videos (first frame as source)."""
+    if not video_dir.is_dir():
+        return {"real_self_psnr": None, "real_self_ssim": None, "real_videos": 0}
+    from training.realdata.prepare import crop_clip_frames
+
+    size = cfg.stage1.image_size
+    sp, ss, used = [], [], 0
+    for path in sorted(video_dir.iterdir()):
+        if used >= max_videos:
+            break
+        clip = crop_clip_frames(path, size=size, max_frames=frames)
+        if clip is None or len(clip) < 2:
+            continue
+        video = to_tensor(clip)
+        out = reenact_frames(model, video[:1], video[1:])
+        sp.append(psnr(out, video[1:]))
+        ss.append(ssim(out, video[1:]))
+        used += 1
+    if not used:
+        return {"real_self_psnr": None, "real_self_ssim": None, "real_videos": 0}
+    return {
+        "real_self_psnr": float(torch.cat(sp).mean()),
+        "real_self_ssim": float(torch.cat(ss).mean()),
+        "real_videos": used,
+    }
+
+
+def evaluate(checkpoint: str | None, n_ids: int, frames: int, real: bool) -> dict[str, Any]:
+    model, cfg, meta = load_stage1(checkpoint)
+    res: dict[str, Any] = {"checkpoint": str(checkpoint or "bundled"), "config": cfg.name}
+    res.update(meta=meta)
+    res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames))
+    if real:
+        res.update(eval_real(model, cfg, REAL_VIDEO_DIR, frames=frames))
+    else:
+        res.update(real_self_psnr=None, real_self_ssim=None)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="safetensors or checkpoint.pt (default: the bundled weights/stage1_tiny.safetensors)",
+    )
+    p.add_argument("--identities", type=int, default=8, help="held-out identities to use")
+    p.add_argument("--frames", type=int, default=40, help="frames per clip")
+    p.add_argument("--no-real", action="store_true", help="skip the real-video evaluation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.identities < 2 or args.frames < 2:
+        raise UserError("--identities and --frames must be at least 2")
+    res = evaluate(args.checkpoint, args.identities, args.frames, real=not args.no_real)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>16}: {v}")
+    return 0

@@ -1,0 +1,389 @@
+"""Stage-1 training recipe: the identity-decoupled motion representation.
+
+    livehead train stage1 --config tiny --run runs/stage1            # synthetic world
+    livehead train stage1 --config tiny --run runs/s1 --resume       # continue exactly
+    torchrun --nproc_per_node 4 -m training.stage1 --config paper --run runs/p1   # multi-GPU
+
+Loss (ARCHITECTURE.md §2): L1 + 0.1·perceptual + 1·adversarial (non-saturating, StyleGAN2 D with
+lazy R1) + 0.1·CLUB MI upper bound(z_id, z_m) + 0.1·AAM-softmax(z_id; m 0.2, s 30), plus the
+optional synthetic-world accelerator ``w_aux_motion`` (a linear read-out of alpha regressed onto
+the world's ground-truth motion; off in the paper recipe). Three optimisers: generator side
+(E, heads, LMD, G, AAM centres), discriminator, CLUB estimator; they alternate each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from engine.config import Config, load_config
+from engine.errors import UserError
+from engine.models.stage1 import CLUB, ArcMarginProduct, Discriminator, Stage1Model
+from engine.weights import save_weights
+from training.common import (
+    EMA,
+    DistInfo,
+    MetricsLog,
+    allreduce_grads,
+    cleanup_distributed,
+    init_distributed,
+    load_checkpoint,
+    save_checkpoint,
+    step_rngs,
+    truncate_metrics,
+    unwrap,
+)
+from training.losses import d_logistic, g_nonsat, make_perceptual, psnr, r1_penalty
+from training.stage1_data import AUX_FIELDS, RealPairs, Stage1Batch, SyntheticPairs
+
+
+class GeneratorStep(nn.Module):
+    """Everything the generator-side loss needs in one forward, so DDP can wrap it."""
+
+    def __init__(self, model: Stage1Model, aam: ArcMarginProduct, aux: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.aam = aam
+        self.aux = aux
+
+    def forward(self, b: Stage1Batch) -> dict[str, torch.Tensor]:
+        extra = torch.cat([b.augmented, b.negative], dim=0)
+        out = self.model(b.source, b.target, extra)
+        n = b.source.shape[0]
+        z_id = torch.cat([out.z_id_src, out.z_id_extra], dim=0)  # src, aug, neg
+        labels = torch.cat([b.label_source, b.label_source, b.label_negative])
+        res = {
+            "recon": out.recon,
+            "z_id": torch.cat([out.z_id_src, out.z_id_tgt, out.z_id_extra[n:]], dim=0),
+            "z_m": torch.cat([out.z_m_src, out.z_m_tgt, out.z_m_extra[n:]], dim=0),
+            "metric": F.cross_entropy(self.aam(z_id, labels), labels),
+            "alpha_tgt": out.alpha_tgt,
+        }
+        if self.aux is not None:
+            res["aux_pred"] = self.aux(out.alpha_tgt.float())
+        return res
+
+
+@dataclass
+class Stage1Options:
+    run_dir: Path
+    resume: bool = False
+    steps: int | None = None  # stop after this global step (default: config)
+    data: str = "synthetic"  # or a directory made by `livehead data prepare`
+    device: str = "auto"
+    threads: int = 0
+    export_every: int = 0  # also write the EMA weights as safetensors every N steps
+
+
+class Stage1Trainer:
+    def __init__(self, cfg: Config, opts: Stage1Options, dist_info: DistInfo):
+        self.cfg, self.opts, self.dist = cfg, opts, dist_info
+        t = cfg.train.stage1
+        self.t = t
+        dev = dist_info.device
+        size = cfg.stage1.image_size
+        if opts.data == "synthetic":
+            self.data: SyntheticPairs | RealPairs = SyntheticPairs(cfg.world, size)
+        else:
+            self.data = RealPairs(Path(opts.data), size)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = Stage1Model(cfg.stage1).to(dev)
+        self.aam = ArcMarginProduct(
+            cfg.stage1.latent_dim, self.data.num_classes, t.aam_margin, t.aam_scale
+        ).to(dev)
+        use_aux = t.w_aux_motion > 0 and isinstance(self.data, SyntheticPairs)
+        self.aux = nn.Linear(cfg.stage1.motion_dim, len(AUX_FIELDS)).to(dev) if use_aux else None
+        self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
+        self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
+        self.perceptual = make_perceptual(t.vgg_path).to(dev)
+        self.gstep: nn.Module = GeneratorStep(self.model, self.aam, self.aux)
+        self.dstep: nn.Module = self.disc
+        self.cstep: nn.Module = self.club
+        if dist_info.enabled:
+            ids = [dist_info.local_rank] if dev.type == "cuda" else None
+            self.gstep = DDP(self.gstep, device_ids=ids)
+            self.dstep = DDP(self.disc, device_ids=ids)
+            self.cstep = DDP(self.club, device_ids=ids)
+        g_params = list(unwrap(self.gstep).parameters())
+        beta1, beta2 = t.betas
+        self.opt_g = torch.optim.Adam(g_params, lr=t.lr, betas=(beta1, beta2))
+        # StyleGAN2 lazy regularisation: D is regularised every d_reg_every steps, so its lr and
+        # betas are rescaled by c = k/(k+1) to keep the effective optimiser the same.
+        c = t.d_reg_every / (t.d_reg_every + 1)
+        self.opt_d = torch.optim.Adam(
+            self.disc.parameters(), lr=t.lr * c, betas=(beta1**c, beta2**c)
+        )
+        self.opt_club = torch.optim.Adam(self.club.parameters(), lr=1e-4)
+        self.ema = EMA(self.model, t.ema_decay)
+        self.step = 0
+        self.log = MetricsLog(opts.run_dir, enabled=dist_info.is_main)
+        self.ckpt_path = opts.run_dir / "checkpoint.pt"
+        if opts.resume:
+            self.load()
+
+    # ---------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "aam": self.aam.state_dict(),
+            "aux": self.aux.state_dict() if self.aux is not None else None,
+            "disc": self.disc.state_dict(),
+            "club": self.club.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "opt_club": self.opt_club.state_dict(),
+            "ema": self.ema.state_dict(),
+            "perceptual": getattr(self.perceptual, "kind", "?"),
+            "data": self.opts.data,
+        }
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, self.state(), self.cfg)
+
+    def load(self) -> None:
+        if not self.ckpt_path.exists():
+            raise UserError(f"--resume: no checkpoint at {self.ckpt_path}")
+        st, saved_cfg = load_checkpoint(self.ckpt_path)
+        if saved_cfg.stage1 != self.cfg.stage1:
+            raise UserError(
+                f"{self.ckpt_path} was trained with another stage1 config "
+                f"('{saved_cfg.name}'); resume with the same --config"
+            )
+        self.model.load_state_dict(st["model"])
+        self.aam.load_state_dict(st["aam"])
+        if self.aux is not None and st.get("aux") is not None:
+            self.aux.load_state_dict(st["aux"])
+        self.disc.load_state_dict(st["disc"])
+        self.club.load_state_dict(st["club"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_d.load_state_dict(st["opt_d"])
+        self.opt_club.load_state_dict(st["opt_club"])
+        self.ema.load_state_dict(st["ema"])
+        self.step = int(st["step"])
+        truncate_metrics(self.opts.run_dir, self.step)
+
+    def export(self, path: Path) -> None:
+        """EMA generator as fp16 safetensors (Q frozen, so inference never re-runs QR)."""
+        if not self.dist.is_main:
+            return
+        m = Stage1Model(self.cfg.stage1)
+        m.load_state_dict(self.ema.state_dict())
+        m.lmd.freeze()
+        save_weights(
+            path,
+            m.state_dict(),
+            self.cfg,
+            kind="stage1",
+            dtype=torch.float16,
+            meta={
+                "step": self.step,
+                "perceptual": getattr(self.perceptual, "kind", "?"),
+                "data": self.opts.data,
+                "aux_motion_loss": self.t.w_aux_motion if self.aux is not None else 0.0,
+            },
+        )
+
+    # ---------------------------------------------------------------------------------------
+    def _to(self, b: Stage1Batch) -> Stage1Batch:
+        dev = self.dist.device
+        return Stage1Batch(
+            *(x.to(dev, non_blocking=True) if x is not None else None for x in vars(b).values())
+        )
+
+    def _autocast(self):
+        dev = self.dist.device.type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.t.bf16)
+
+    def train_step(self) -> dict[str, float]:
+        t = self.t
+        step = self.step + 1
+        rng, g = step_rngs(self.cfg.train.seed, step, self.dist.rank)
+        b = self._to(self.data.sample(rng, g, t.batch_size))
+        use_adv = t.w_adv > 0 and step > t.adv_start_step
+        logs: dict[str, float] = {}
+
+        # 1) generator side ---------------------------------------------------------------
+        self.disc.requires_grad_(False)
+        self.club.requires_grad_(False)
+        with self._autocast():
+            out = self.gstep(b)
+            recon = out["recon"].float()
+            l1 = (recon - b.target).abs().mean()
+            perc = self.perceptual(recon, b.target)
+            loss = t.w_l1 * l1 + t.w_perceptual * perc + t.w_metric * out["metric"]
+            mi = unwrap(self.cstep).mi_upper(out["z_id"], out["z_m"])
+            loss = loss + t.w_mi * mi
+            if use_adv:
+                adv = g_nonsat(self.disc(recon))
+                loss = loss + t.w_adv * adv
+                logs["g_adv"] = float(adv)
+            if self.aux is not None and b.gt_target is not None:
+                aux = F.mse_loss(out["aux_pred"], b.gt_target)
+                loss = loss + t.w_aux_motion * aux
+                logs["aux_motion"] = float(aux)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        self.ema.update(self.model)
+        self.disc.requires_grad_(True)
+        self.club.requires_grad_(True)
+
+        # 2) CLUB estimator: maximise log q(z_m | z_id) on detached codes -----------------
+        mu, logvar = self.cstep(out["z_id"].detach().float())  # through DDP when distributed
+        z_m = out["z_m"].detach().float()
+        club_loss = ((z_m - mu) ** 2 / logvar.exp() + logvar).sum(1).mean() / 2  # -log q
+        self.opt_club.zero_grad(set_to_none=True)
+        club_loss.backward()
+        self.opt_club.step()
+
+        # 3) discriminator ----------------------------------------------------------------
+        if use_adv:
+            with self._autocast():
+                d_loss = d_logistic(self.dstep(b.target), self.dstep(recon.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            logs["d_loss"] = float(d_loss)
+            if step % t.d_reg_every == 0:
+                # R1 needs a double backward, which DDP does not support: run the plain module
+                # and average its gradients by hand.
+                real = b.target.detach().requires_grad_(True)
+                r1 = r1_penalty(self.disc(real), real)
+                self.opt_d.zero_grad(set_to_none=True)
+                (t.r1 / 2 * r1 * t.d_reg_every).backward()
+                allreduce_grads(self.disc, self.dist)
+                self.opt_d.step()
+                logs["r1"] = float(r1)
+
+        self.step = step
+        with torch.no_grad():
+            logs.update(
+                loss=float(loss),
+                l1=float(l1),
+                perceptual=float(perc),
+                mi=float(mi),
+                metric=float(out["metric"]),
+                club_nll=float(club_loss),
+                psnr=float(psnr(recon, b.target).mean()),
+                psnr_copy=float(psnr(b.source, b.target).mean()),
+            )
+        return logs
+
+    def fit(self) -> None:
+        from tqdm import tqdm
+
+        total = self.opts.steps if self.opts.steps is not None else self.t.steps
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            disable=not self.dist.is_main,
+            desc="stage1",
+            dynamic_ncols=True,
+        )
+        t0, n0 = time.time(), self.step
+        while self.step < total:
+            logs = self.train_step()
+            bar.update(1)
+            if self.step % self.t.log_every == 0 or self.step == total:
+                dt = time.time() - t0
+                sps = (self.step - n0) * self.t.batch_size * self.dist.world_size / max(dt, 1e-9)
+                logs["samples_per_s"] = sps
+                self.log.log(self.step, logs)
+                bar.set_postfix(
+                    l1=f"{logs['l1']:.3f}",
+                    psnr=f"{logs['psnr']:.1f}",
+                    copy=f"{logs['psnr_copy']:.1f}",
+                    sps=f"{sps:.1f}",
+                )
+                t0, n0 = time.time(), self.step
+            if self.step % self.t.ckpt_every == 0 or self.step == total:
+                self.save()
+            if self.opts.export_every and self.step % self.opts.export_every == 0:
+                self.export(self.opts.run_dir / "stage1.safetensors")
+        bar.close()
+        self.save()
+        self.export(self.opts.run_dir / "stage1.safetensors")
+        if os.environ.get("LIVEHEAD_DDP_CHECK") and self.dist.enabled:
+            self._write_ddp_fingerprint()
+
+    def _write_ddp_fingerprint(self) -> None:
+        """Test hook: every rank's weight checksum, so a test can see the replicas agree."""
+        import torch.distributed as dist
+
+        fp = torch.tensor([sum(float(p.double().abs().sum()) for p in self.model.parameters())])
+        got = [torch.zeros_like(fp) for _ in range(self.dist.world_size)]
+        dist.all_gather(got, fp)
+        if self.dist.is_main:
+            data = {str(i): float(g) for i, g in enumerate(got)}
+            (self.opts.run_dir / "ddp_fingerprint.json").write_text(json.dumps(data))
+
+
+def train(cfg: Config, opts: Stage1Options) -> Stage1Trainer:
+    info = init_distributed(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if not math.isfinite(cfg.train.stage1.lr) or cfg.train.stage1.batch_size < 1:
+        raise UserError("train.stage1: lr must be finite and batch_size >= 1")
+    try:
+        trainer = Stage1Trainer(cfg, opts, info)
+        trainer.fit()
+    finally:
+        cleanup_distributed()
+    return trainer
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
+    p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run", default="runs/stage1", help="run directory (checkpoint, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=None, help="stop at this global step")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a prepared dataset dir")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--export-every", type=int, default=0, help="write EMA safetensors every N")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.override)
+    run_dir = Path(args.run)
+    if args.resume and (run_dir / "checkpoint.pt").exists():
+        _, saved = load_checkpoint(run_dir / "checkpoint.pt")
+        if saved.stage1 != cfg.stage1:
+            raise UserError(f"{run_dir}: checkpoint config differs from --config {args.config}")
+    opts = Stage1Options(
+        run_dir=run_dir,
+        resume=args.resume,
+        steps=args.steps,
+        data=args.data,
+        device=args.device,
+        threads=args.threads,
+        export_every=args.export_every,
+    )
+    train(cfg, opts)
+    return 0
+
+
+if __name__ == "__main__":  # torchrun -m training.stage1 ...
+    import sys
+
+    parser = argparse.ArgumentParser(prog="training.stage1")
+    add_args(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

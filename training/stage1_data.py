@@ -1,0 +1,183 @@
+"""Stage-1 training batches: the 4-tuple of AniTalker (source, target, negative, augmented).
+
+Per item: a source and a target frame of one clip (same identity, same background, different
+motion; sometimes adjacent frames, i.e. a small motion change), a frame of another identity
+(negative) and an augmented copy of the source for the identity branch only (flip, colour
+jitter, blur, small rotation). The reconstruction pair is never augmented, so it keeps its
+background.
+
+Two sources: the synthetic world (default; also returns the target's ground-truth motion for the
+optional auxiliary loss) and a dataset prepared by ``livehead data prepare`` from real videos.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.config import WorldConfig
+from engine.tensors import to_tensor
+
+# Ground-truth motion fields regressed by the optional auxiliary loss (synthetic world only).
+AUX_FIELDS = (
+    "yaw",
+    "pitch",
+    "roll",
+    "loc_x",
+    "loc_y",
+    "scale",
+    "mouth_open",
+    "mouth_width",
+    "mouth_round",
+    "blink_l",
+    "blink_r",
+    "brow",
+    "gaze_x",
+    "gaze_y",
+)
+
+
+@dataclass
+class Stage1Batch:
+    """Images (B, 3, S, S) float32 in [-1, 1]; labels (B,) int64 identity classes.
+
+    gt_target: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target, or None."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    negative: torch.Tensor
+    augmented: torch.Tensor
+    label_source: torch.Tensor
+    label_negative: torch.Tensor
+    gt_target: torch.Tensor | None = None
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Identity-branch augmentation: random flip, colour jitter, blur, rotation (<= 10 deg)."""
+    b = x.shape[0]
+
+    def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    flip = torch.rand(b, generator=g) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    # colour jitter: brightness, contrast, saturation, per-channel gain
+    y = (x + 1) / 2
+    y = y * u(0.75, 1.25).view(b, 1, 1, 1)
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * u(0.75, 1.25).view(b, 1, 1, 1) + mean
+    grey = y.mean(dim=1, keepdim=True)
+    y = (y - grey) * u(0.6, 1.4).view(b, 1, 1, 1) + grey
+    y = y * u(0.9, 1.1, 3 * b).view(b, 3, 1, 1)
+    x = y.clamp(0, 1) * 2 - 1
+    # blur with a random-width Gaussian (sigma 0..1.5 px) on half of the batch
+    sigma = u(0.3, 1.5) * (torch.rand(b, generator=g) < 0.5)
+    if bool((sigma > 0).any()):
+        r = torch.arange(-3, 4, dtype=torch.float32)
+        k = torch.exp(-(r.view(1, -1) ** 2) / (2 * sigma.clamp_min(1e-3).view(-1, 1) ** 2))
+        k = torch.where(sigma.view(-1, 1) > 0, k, (r == 0).float().expand_as(k))
+        k = k / k.sum(dim=1, keepdim=True)  # (B, 7)
+        xp = F.pad(x, (3, 3, 3, 3), mode="reflect")
+        c = x.shape[1]
+        kh = k.repeat_interleave(c, 0).view(b * c, 1, 7, 1)
+        kw = k.repeat_interleave(c, 0).view(b * c, 1, 1, 7)
+        xp = xp.reshape(1, b * c, *xp.shape[-2:])
+        xp = F.conv2d(F.conv2d(xp, kh, groups=b * c), kw, groups=b * c)
+        x = xp.view_as(x)
+    # small rotation and scale around the centre
+    ang = u(-10, 10) * math.pi / 180
+    sc = u(0.95, 1.05)
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack(
+        [torch.stack([cos, -sin, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)],
+        1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+class SyntheticPairs:
+    """Stage-1 batches drawn on the fly from the synthetic world (training identities only)."""
+
+    def __init__(self, world: WorldConfig, image_size: int):
+        from training.world import identity as wid
+
+        self.world = world
+        self.size = image_size
+        self.ids = wid.train_ids(world)
+        self.num_classes = int(world.identities)
+
+    def sample(self, rng: np.random.Generator, g: torch.Generator, batch: int) -> Stage1Batch:
+        from training.world import get_identity, motion, render_frames
+
+        src, tgt, neg, gts = [], [], [], []
+        ids = rng.choice(self.ids, size=batch, replace=False)
+        neg_ids = rng.choice(self.ids, size=batch, replace=False)
+        for k, (i, nid) in enumerate(zip(ids, neg_ids)):
+            if nid == i:
+                nid = self.ids[(np.searchsorted(self.ids, i) + 1) % len(self.ids)]
+            ident = get_identity(self.world, int(i))
+            m_src = motion.random_motion(rng, 1)
+            if rng.random() < 0.3:
+                # "adjacent frames": a small motion change, as between neighbouring video frames
+                m_tgt = motion.perturb_motion(rng, m_src, 0.15)
+            else:
+                m_tgt = motion.random_motion(rng, 1)
+            pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
+            src.append(pair[0])
+            tgt.append(pair[1])
+            neg.append(
+                render_frames(
+                    get_identity(self.world, int(nid)), motion.random_motion(rng, 1), self.size
+                )[0]
+            )
+            gts.append([float(m_tgt[f][0]) for f in AUX_FIELDS])
+            neg_ids[k] = nid
+        source = to_tensor(np.stack(src))
+        return Stage1Batch(
+            source=source,
+            target=to_tensor(np.stack(tgt)),
+            negative=to_tensor(np.stack(neg)),
+            augmented=augment(source, g),
+            label_source=torch.from_numpy(ids.astype(np.int64)),
+            label_negative=torch.from_numpy(neg_ids.astype(np.int64)),
+            gt_target=torch.tensor(gts, dtype=torch.float32),
+        )
+
+
+class RealPairs:
+    """Stage-1 batches from a dataset prepared by ``livehead data prepare`` (real videos)."""
+
+    def __init__(self, root: Path, image_size: int):
+        from training.realdata.dataset import RealClips
+
+        self.clips = RealClips(root)
+        self.size = image_size
+        self.labels = {name: i for i, name in enumerate(self.clips.identities)}
+        self.num_classes = len(self.labels)
+
+    def sample(self, rng: np.random.Generator, g: torch.Generator, batch: int) -> Stage1Batch:
+        items = [self.clips.sample_pair(rng) for _ in range(batch)]
+        src = to_tensor(np.stack([it[0] for it in items]))
+        tgt = to_tensor(np.stack([it[1] for it in items]))
+        neg = to_tensor(np.stack([it[2] for it in items]))
+        if src.shape[-1] != self.size:
+            src, tgt, neg = (
+                F.interpolate(
+                    t, size=self.size, mode="bilinear", antialias=True, align_corners=False
+                )
+                for t in (src, tgt, neg)
+            )
+        return Stage1Batch(
+            source=src,
+            target=tgt,
+            negative=neg,
+            augmented=augment(src, g),
+            label_source=torch.tensor([self.labels[it[3]] for it in items]),
+            label_negative=torch.tensor([self.labels[it[4]] for it in items]),
+        )
