@@ -130,6 +130,11 @@ class WindowPlan:
         """Frames between a sample arriving and its window becoming computable, worst case."""
         return self.window_frames + self.lookahead_frames
 
+    @property
+    def latency_samples(self) -> int:
+        """``latency_frames`` in input samples (compute and pacing not included)."""
+        return self.latency_frames * self.samples_per_frame
+
     def start_frame(self, i: int) -> int:
         return i * self.window_frames
 

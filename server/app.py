@@ -258,14 +258,17 @@ class LiveheadServer:
             raise ServerError(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                               {"WWW-Authenticate": "Bearer"})
 
-    async def _read_body(self, request: web.Request, limit: int, what: str) -> bytes:
+    async def _read_body(self, request: web.Request, limit: int, what: str, setting: str) -> bytes:
+        """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole)."""
         if request.content_length is not None and request.content_length > limit:
-            raise ServerError(413, f"{what} is {request.content_length} bytes; the limit is {limit}")
+            raise ServerError(413, f"{what} is {request.content_length} bytes; the limit is "
+                                   f"{limit} ({setting})")
         data = bytearray()
         async for chunk in request.content.iter_chunked(65536):
             data += chunk
             if len(data) > limit:
-                raise ServerError(413, f"{what} is larger than the limit of {limit} bytes")
+                raise ServerError(413, f"{what} is larger than the limit of {limit} bytes "
+                                       f"({setting})")
         return bytes(data)
 
     @staticmethod
@@ -433,7 +436,8 @@ class LiveheadServer:
     # WebRTC signaling
     # ---------------------------------------------------------------------------------------
     async def _offer(self, request: web.Request) -> web.Response:
-        body = await self._read_body(request, self.scfg.max_sdp_bytes + 4096, "offer")
+        body = await self._read_body(request, self.scfg.max_sdp_bytes + 4096, "offer",
+                                     "server.max_sdp_bytes")
         try:
             params = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -461,7 +465,8 @@ class LiveheadServer:
     async def _sdp_resource(self, request: web.Request, role: str, kind: str) -> web.Response:
         if request.content_type != "application/sdp":
             raise ServerError(415, f"{kind.upper()} needs Content-Type: application/sdp")
-        body = await self._read_body(request, self.scfg.max_sdp_bytes, "SDP offer")
+        body = await self._read_body(request, self.scfg.max_sdp_bytes, "SDP offer",
+                                     "server.max_sdp_bytes")
         try:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -681,7 +686,8 @@ class LiveheadServer:
 
     async def _control(self, request: web.Request) -> web.Response:
         self._check_token(request)
-        body = await self._read_body(request, self.scfg.max_upload_bytes * 2, "control message")
+        body = await self._read_body(request, self.scfg.max_upload_bytes * 2, "control message",
+                                     "server.max_upload_bytes")
         try:
             msg = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -718,7 +724,7 @@ class LiveheadServer:
             if raw is None:
                 raise ServerError(400, "multipart upload has no file field")
         else:
-            raw = await self._read_body(request, limit, "avatar upload")
+            raw = await self._read_body(request, limit, "avatar upload", "server.max_upload_bytes")
         avatar = await self._decode(raw)
         applied = None
         if request.query.get("room"):

@@ -188,6 +188,7 @@ class RoomStats:
 
     created: float = field(default_factory=time.monotonic)
     frames_sent: int = 0
+    frames_encoded: int = 0  # VP8 encodes: once per frame however many viewers
     video_dropped: int = 0
     frames_flushed: int = 0  # discarded by interrupts
     stalls: int = 0
@@ -519,6 +520,7 @@ class Room:
                 keyframe = self._keyframe_requested
                 self._keyframe_requested = False
                 video = self._vp8.encode(image, force_keyframe=keyframe)
+                self.stats.frames_encoded += 1
             audio = self._opus.encode(pcm16)
         else:
             self._vp8.reset()  # the next subscriber starts from a keyframe
@@ -537,6 +539,7 @@ class Room:
     def _do_interrupt(self) -> int:
         """Worker side of ``interrupt``: everything not yet sent is forgotten."""
         emitted = int(self.session.interrupt())
+        self._take_input()  # input that arrived before the interrupt is dropped with the rest
         self._pending.clear()
         with self._lock:
             self._queued_input_samples -= self._pending_samples

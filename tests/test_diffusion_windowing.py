@@ -151,6 +151,7 @@ def test_window_plan():
         assert plan.samples_needed(ready) > n
     assert plan.num_windows(10) == 4 and plan.total_samples(10) == plan.samples_needed(3)
     assert plan.segment_frames == 30 and plan.denoise_frames == 11 and plan.latency_frames == 5
+    assert plan.latency_samples == 5 * 640
     cfg = Stage2Config(window_frames=3, prefix_frames=8, lookahead_frames=2)
     assert WindowPlan.from_config(cfg, 4).context_frames == 25
     with pytest.raises(UserError, match="audio_context_frames"):

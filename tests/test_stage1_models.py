@@ -68,7 +68,11 @@ def test_paper_shapes_at_small_size() -> None:
     with torch.no_grad():
         h, feats = m.encode(images(1, 32))
         assert h.shape == (1, 512)
-        assert [tuple(f.shape) for f in feats] == [(1, 512, 8, 8), (1, 512, 16, 16), (1, 512, 32, 32)]
+        assert [tuple(f.shape) for f in feats] == [
+            (1, 512, 8, 8),
+            (1, 512, 16, 16),
+            (1, 512, 32, 32),
+        ]
         out = m.render(h, feats, torch.randn(2, 20))
     assert out.shape == (2, 3, 32, 32)
 
@@ -297,3 +301,72 @@ def test_discriminator_shapes() -> None:
     d = Discriminator(32, [16, 32, 32, 32, 32, 32, 32])
     for b in (1, 3, 4, 6):
         assert d(images(b, 32)).shape == (b, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers against the reference formulations
+# --------------------------------------------------------------------------------------------
+def _upfirdn2d_reference(x, kernel, up, down, pad):  # StyleGAN2's upfirdn2d_native
+    _, c, h, w = x.shape
+    kh, kw = kernel.shape
+    out = x.reshape(-1, c, h, 1, w, 1)
+    out = torch.nn.functional.pad(out, [0, up - 1, 0, 0, 0, up - 1, 0, 0])
+    out = out.reshape(-1, c, h * up, w * up)
+    out = torch.nn.functional.pad(out, [pad[0], pad[1], pad[0], pad[1]])
+    out = out.reshape(-1, 1, out.shape[2], out.shape[3])
+    out = torch.nn.functional.conv2d(out, torch.flip(kernel, [0, 1]).reshape(1, 1, kh, kw))
+    out = out.reshape(-1, c, out.shape[2], out.shape[3])
+    return out[:, :, ::down, ::down]
+
+
+@pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 2, 1], [1, 2, 3, 4]])
+@pytest.mark.parametrize(
+    "up,down,pad", [(1, 1, (2, 2)), (1, 1, (2, 1)), (1, 2, (2, 2)), (2, 1, (2, 1)), (2, 1, (1, 0))]
+)
+def test_upfirdn2d_matches_reference(taps, up, down, pad) -> None:
+    from engine.models.layers import make_kernel, upfirdn2d
+
+    x = torch.randn(2, 5, 9, 9)
+    k = make_kernel(taps) * (up**2)
+    torch.testing.assert_close(
+        upfirdn2d(x, k, up, down, pad), _upfirdn2d_reference(x, k, up, down, pad)
+    )
+
+
+@pytest.mark.parametrize("k,upsample,demod", [(3, False, True), (3, True, True), (1, False, False)])
+def test_modulated_conv_matches_grouped_reference(k, upsample, demod) -> None:
+    """The activation-modulated conv equals StyleGAN2's per-sample-weight grouped conv."""
+    from engine.models.layers import ModulatedConv2d, StyledConv
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(6, 5, k, 16, demodulate=demod, upsample=upsample)
+    x, style = torch.randn(3, 6, 8, 8), torch.randn(3, 16)
+    b = x.shape[0]
+    s = conv.modulation(style).reshape(b, 1, 6, 1, 1)
+    w = conv.scale * conv.weight.unsqueeze(0) * s  # (B, out, in, k, k)
+    if demod:
+        w = w * torch.rsqrt(w.square().sum([2, 3, 4]) + 1e-8).reshape(b, 5, 1, 1, 1)
+    xg = x.reshape(1, b * 6, 8, 8)
+    if upsample:
+        wt = w.transpose(1, 2).reshape(b * 6, 5, k, k)
+        ref = torch.nn.functional.conv_transpose2d(xg, wt, stride=2, groups=b)
+        ref = conv.blur(ref.reshape(b, 5, ref.shape[-2], ref.shape[-1]))
+    else:
+        ref = torch.nn.functional.conv2d(xg, w.reshape(b * 5, 6, k, k), padding=k // 2, groups=b)
+        ref = ref.reshape(b, 5, 8, 8)
+    torch.testing.assert_close(conv(x, style), ref, atol=1e-5, rtol=1e-4)
+    # StyledConv's fused demodulation + bias + √2 gain equals the plain sequence
+    sc = StyledConv(6, 5, k, 16, upsample=upsample, demodulate=demod)
+    sc.conv.load_state_dict(conv.state_dict())
+    torch.nn.init.normal_(sc.activate.bias)
+    torch.testing.assert_close(sc(x, style), sc.activate(conv(x, style)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 1, 1, 1], [1, 2, 1]])
+def test_upsample_fast_path_matches_reference(taps) -> None:
+    from engine.models.layers import Upsample
+
+    up = Upsample(taps)
+    assert (up.fir4_a is not None) == (len(taps) == 4)
+    x = torch.randn(2, 3, 7, 9)
+    torch.testing.assert_close(up(x), _upfirdn2d_reference(x, up.kernel, 2, 1, up.pad))

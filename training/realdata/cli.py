@@ -1,20 +1,21 @@
 """Arguments and entry point of ``livehead data prepare`` (wired up by ``training/cli.py``).
 
-    livehead data prepare ../shared/data/real/video --out data/real --min-face 128
+livehead data prepare ../shared/data/real/video --out data/real --min-face 128
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from training.realdata.options import PrepareOptions
 
 DEFAULTS_NOTE = "defaults follow AniTalker: 256² faces and output, 25 fps, 16 kHz mono audio"
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``prepare`` options to ``parser`` (and set ``func`` to ``run_prepare``)."""
-    from training.realdata.prepare import PrepareOptions  # cheap; keeps --help fast anyway
-
     d = PrepareOptions()
     parser.description = (
         "Turn raw talking-face videos into a training set: fixed 1.6x face crops per clip "
@@ -90,9 +91,10 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run the pipeline with parsed arguments; returns the exit code (0 = ok, also when some
-    inputs were skipped: the report says which and why)."""
-    from training.realdata.prepare import PrepareOptions, prepare_videos
+    """Run the pipeline with parsed arguments; returns the exit code: 0 when clips were kept
+    (also when some inputs were skipped: the report says which and why), 1 when none were."""
+    # Imported here so that building the ``livehead`` parser does not load OpenCV.
+    from training.realdata.prepare import prepare_videos
 
     opts = PrepareOptions(
         min_face=args.min_face,
@@ -111,4 +113,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     manifest = prepare_videos(list(args.inputs), args.out, opts)
     if not args.quiet:
         print(f"wrote {args.out / 'manifest.jsonl'} and {args.out / 'report.json'}")
-    return 0 if manifest.clips or not manifest.report["inputs"]["read"] else 0
+    if not manifest.clips:
+        # Not an exception: the report is written and worth reading; but scripts should notice.
+        print(
+            f"livehead: no clips kept; see {args.out / 'report.json'} for why (small videos "
+            "need a lower --min-face, soft ones a lower --blur-threshold)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -109,7 +109,9 @@ class RealClips:
         src = int(rng.integers(t))
         # A different frame when the clip has more than one (it always does in practice).
         tgt = int((src + 1 + rng.integers(t - 1)) % t) if t > 1 else src
-        other_ident = int((ident + 1 + rng.integers(len(self.identities) - 1)) % len(self.identities))
+        other_ident = int(
+            (ident + 1 + rng.integers(len(self.identities) - 1)) % len(self.identities)
+        )
         other_clip = int(rng.choice(self._by_identity[other_ident]))
         other_frames = self.clip_frames(other_clip)
         return RealPair(

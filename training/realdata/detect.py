@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from engine.errors import UserError
+
 FRONTAL_CASCADE = "haarcascade_frontalface_alt2.xml"  # fewer false positives than _default
 PROFILE_CASCADE = "haarcascade_profileface.xml"
 EYE_CASCADE = "haarcascade_eye.xml"
@@ -63,10 +65,14 @@ BLUR_PATCH_PX = 128  # central half of a 256-px output crop
 
 
 def _cascade(name: str) -> cv2.CascadeClassifier:
-    path = cv2.data.haarcascades + name
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", "")  # absent in OpenCV 5
+    path = folder + name
     c = cv2.CascadeClassifier(path)
-    if c.empty():
-        raise RuntimeError(f"OpenCV Haar cascade missing or unreadable: {path}")
+    if not folder or c.empty():
+        raise UserError(
+            f"OpenCV Haar cascade {name} not found (OpenCV {cv2.__version__}); "
+            "install opencv-python-headless==4.14.0.94, which ships them"
+        )
     return c
 
 

@@ -55,9 +55,11 @@ from training.realdata.manifest import (
     REPORT_NAME,
     Manifest,
 )
+from training.realdata.options import PrepareOptions
 from training.realdata.video import (
     VIDEO_EXTENSIONS,
     BadInput,
+    frame_to_rgb,
     iter_frames,
     probe,
     read_audio,
@@ -74,33 +76,6 @@ DROP_REASONS = (
     "face_leaves_crop",
     "identity_quota",
 )
-
-
-@dataclass
-class PrepareOptions:
-    """Pipeline settings; defaults follow AniTalker except where noted."""
-
-    min_face: int = 256  # smallest median face box side kept, source pixels (paper: 256)
-    size: int = 256  # output side, pixels
-    fps: int = 25
-    sample_rate: int = 16000
-    crop_scale: float = 1.6  # crop side / median face box side
-    clip_seconds: float = 4.0  # clips are this long up to twice this long
-    min_clip_seconds: float = 2.0  # shorter face segments are dropped
-    clips_per_identity: int = 3  # paper: 2-3
-    max_yaw: float = 60.0  # degrees
-    yaw_percentile: float = 90.0  # a clip's yaw is this percentile of |yaw| over detections
-    blur_threshold: float = 20.0  # variance of Laplacian at output scale (AniTalker: 20)
-    detect_every: int = 5  # detect on every k-th 25-fps frame (5 per second)
-    max_gap_s: float = 0.6  # a face missing longer than this ends a segment
-    min_detected_fraction: float = 0.5  # of the detection steps inside a clip
-    max_outside_fraction: float = 0.1  # of detections whose box leaves the fixed crop
-    identity_from: str = "file"  # "file" (file stem) or "parent" (parent folder name)
-    identity_map: Path | None = None  # lines "name<TAB or comma>identity" override the above
-    max_seconds: float | None = None  # only read the first N seconds of each input
-    crf: int = 18
-    overwrite: bool = False
-    verbose: bool = True  # progress bars and the printed summary
 
 
 @dataclass
@@ -401,7 +376,7 @@ def write_video_clips(
         c = clips[k]
         if j < c.start:
             continue
-        frames.append(_crop_frame(frame.to_ndarray(format="rgb24"), c.crop, opts.size))
+        frames.append(_crop_frame(frame_to_rgb(frame), c.crop, opts.size))
         if j == c.end - 1:
             records.append(_finish_clip(c, frames, audio, spf, out_dir, opts))
             if bar is not None:
@@ -447,7 +422,7 @@ def _finish_clip(
         "clip": clip_id,
         "identity": c.identity,
         "path": str(rel),
-        "source": str(c.source),
+        "source": str(c.source.resolve()),
         "source_size": list(c.frame_wh),
         "crop_box": [x0, y0, x0 + side, y0 + side],
         "frame_range": [c.start, c.end],

@@ -24,6 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -177,6 +178,15 @@ def read_audio(path: Path, sample_rate: int = 16000) -> np.ndarray | None:
     return audio
 
 
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """uint8 (H, W, 3) RGB. OpenCV converts limited-range 4:2:0 about 3x faster than PyAV's
+    swscale path (which dominates decoding a 256² clip); other formats go through swscale.
+    Both use BT.601 coefficients."""
+    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
+        return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2RGB_I420)
+    return frame.to_ndarray(format="rgb24")
+
+
 def write_clip(
     path: Path,
     frames: Sequence[np.ndarray],
@@ -225,7 +235,7 @@ def read_clip_frames(path: Path) -> np.ndarray:
     """All frames of a clip written by ``write_clip`` as uint8 (T, H, W, 3) RGB."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        frames = [frame_to_rgb(f) for f in container.decode(stream)]
     if not frames:
         raise ValueError(f"no frames in {path}")
     return np.stack(frames)

@@ -114,6 +114,26 @@ def make_clip(
     return Clip(frames, audio, motion, int(identity_id), text, int(seed), split)
 
 
+def clip_motion_only(
+    cfg: WorldConfig, identity_id: int, frames: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Time-coherent motion of a ``frames``-long talking clip (speech-driven mouth, head walks,
+    blinks...) without drawing it; both the speech and the motion come from ``rng``.
+
+    Returns (frames,) MOTION_DTYPE. Use ``render_frames`` to draw it for any identity.
+    """
+    _check_world(cfg)
+    if int(frames) < 1:
+        raise UserError(f"frames must be at least 1, got {frames}")
+    identity = get_identity(cfg, identity_id)
+    speech_rng = np.random.default_rng(rng.integers(2**63))
+    motion_rng = np.random.default_rng(rng.integers(2**63))
+    audio, _ = synth_speech(speech_rng, frames / cfg.fps, "train", cfg.sample_rate)
+    n = int(frames) * SAMPLES_PER_FRAME
+    audio = np.pad(audio, (0, max(0, n - len(audio))))[:n].astype(np.float32)
+    return clip_motion(motion_rng, audio, identity, cfg.sample_rate, cfg.fps)
+
+
 def render_identity_batch(
     cfg: WorldConfig, identity_id: int, n: int, size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, Identity]:

@@ -85,6 +85,7 @@ class Identity:
     blush: float  # cheek colour strength, 0..0.25
     hair_style: str
     hair: RGB
+    beard_color: RGB
     hairline: float  # front hairline height on the unit cranium (0.2 low .. 0.6 high)
     hair_volume: float  # hair shell thickness as a fraction of the cranium
     part_x: float  # parting position on the unit cranium, -0.5..0.5
@@ -149,7 +150,8 @@ def sample_identity(world_seed: int, identity_id: int) -> Identity:
     skin = _SKIN[lo] + (_SKIN[min(lo + 1, len(_SKIN) - 1)] - _SKIN[lo]) * (k - lo)
     skin = skin * u(0.96, 1.04, 3)
 
-    hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P)] * u(0.85, 1.15)
+    hair_k = int(rng.choice(len(_HAIR), p=_HAIR_P))
+    hair = _HAIR[hair_k] * u(0.85, 1.15)
     style = str(rng.choice(HAIR_STYLES, p=[0.1, 0.22, 0.18, 0.1, 0.14, 0.08, 0.18]))
     hairline = u(0.3, 0.55)
     if style == "bangs":
@@ -168,6 +170,8 @@ def sample_identity(world_seed: int, identity_id: int) -> Identity:
         lip = _hsv(u(0.92, 1.0) % 1.0, u(0.5, 0.8), u(0.5, 0.8))
 
     beard = str(rng.choice(BEARDS, p=[0.62, 0.1, 0.12, 0.08, 0.08]))
+    # Beards take the hair colour, except dyed hair: then a natural dark brown.
+    beard_color = hair if rng.random() < 0.9 and hair_k < 8 else _HAIR[1] * u(0.8, 1.2)
     glasses = str(rng.choice(GLASSES, p=[0.7, 0.15, 0.15]))
     glasses_color = _hsv(u(), u(0, 0.8), u(0.05, 0.6))
 
@@ -187,13 +191,14 @@ def sample_identity(world_seed: int, identity_id: int) -> Identity:
         blush=float(u(0.0, 0.25)) if rng.random() < 0.5 else 0.0,
         hair_style=style,
         hair=_rgb(hair),
+        beard_color=_rgb(beard_color),
         hairline=float(hairline),
         hair_volume=float(volume),
         part_x=float(u(-0.45, 0.45)),
         eye_y=float(eye_y),
         eye_dx=float(u(0.28, 0.35)),
-        eye_w=float(u(0.1, 0.135)),
-        eye_h=float(u(0.048, 0.075)),
+        eye_w=float(u(0.11, 0.145)),
+        eye_h=float(u(0.058, 0.085)),
         iris=_rgb(iris),
         brow_thick=float(u(0.018, 0.045)),
         brow_arch=float(u(0.0, 0.035)),

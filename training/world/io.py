@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -25,18 +26,19 @@ def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int = 25,
-              sample_rate: int = 16000) -> None:
+def write_mp4(
+    path: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int = 25, sample_rate: int = 16000
+) -> None:
     """frames (T, H, W, 3) uint8 RGB (H, W even for yuv420p); audio (N,) float32 mono."""
     t, h, w, _ = frames.shape
     with av.open(str(path), mode="w") as container:
-        vs = container.add_stream(_video_codec(), rate=fps)
+        vs = cast(av.VideoStream, container.add_stream(_video_codec(), rate=fps))
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         if vs.codec_context.name == "libx264":
             vs.options = {"crf": "18", "preset": "veryfast"}
         else:
             vs.bit_rate = 4_000_000
-        aus = container.add_stream("aac", rate=sample_rate, layout="mono")
+        aus = cast(av.AudioStream, container.add_stream("aac", rate=sample_rate, layout="mono"))
         aus.time_base = Fraction(1, sample_rate)
         for i in range(t):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")

@@ -31,8 +31,6 @@ closes and the head moves less, but blinks and gaze continue.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from scipy.signal import lfilter
 
@@ -104,14 +102,10 @@ def motion_row(**values: float) -> np.void:
     """One MOTION_DTYPE row: neutral, with the given fields replaced (e.g. ``yaw=0.2``)."""
     m = neutral_motion(1)
     for k, v in values.items():
-        if k not in MOTION_DTYPE.names:
+        if k not in MOTION_FIELDS:
             raise KeyError(f"unknown motion field {k!r} (known: {', '.join(MOTION_FIELDS)})")
         m[k] = v
     return m[0]
-
-
-def row_get(row: np.void | Mapping[str, float], name: str) -> float:
-    return float(row[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +133,36 @@ def random_motion(rng: np.random.Generator, n: int) -> np.ndarray:
     m["gaze_x"] = np.clip(rng.normal(0, 0.35, n), -1, 1)
     m["gaze_y"] = np.clip(rng.normal(0, 0.25, n), -1, 1)
     return m
+
+
+# Typical spread of each field in ``random_motion`` (what "amount" in ``perturb_motion`` scales).
+_SPREAD = {
+    "yaw": 0.15, "pitch": 0.07, "roll": 0.05, "loc_x": 0.07, "loc_y": 0.05, "scale": 0.035,
+    "mouth_open": 0.3, "mouth_width": 0.2, "mouth_round": 0.25, "blink_l": 0.15,
+    "blink_r": 0.15, "brow": 0.2, "gaze_x": 0.35, "gaze_y": 0.25,
+}  # fmt: skip
+_RANGES = {
+    "yaw": (-YAW_LIMIT, YAW_LIMIT), "pitch": (-PITCH_LIMIT, PITCH_LIMIT),
+    "roll": (-ROLL_LIMIT, ROLL_LIMIT), "loc_x": (-0.6, 0.6), "loc_y": (-0.5, 0.6),
+    "scale": SCALE_RANGE, "gaze_x": (-1.0, 1.0), "gaze_y": (-1.0, 1.0),
+}  # fmt: skip
+
+
+def perturb_motion(rng: np.random.Generator, motion: np.ndarray, amount: float) -> np.ndarray:
+    """A nearby motion, as between neighbouring video frames: each field moves by Gaussian
+    noise of ``amount`` times its typical spread, then is clipped to its valid range.
+
+    motion: (T,) MOTION_DTYPE; returns a new (T,) MOTION_DTYPE.
+    """
+    out = motion.copy()
+    n = len(motion)
+    for k in MOTION_FIELDS:
+        lo, hi = _RANGES.get(k, (0.0, 1.0))
+        out[k] = np.clip(motion[k] + rng.normal(0.0, amount * _SPREAD[k], n), lo, hi)
+    # A closed mouth mostly stays closed between neighbouring frames.
+    closed = motion["mouth_open"] == 0
+    out["mouth_open"][closed & (rng.random(n) < 0.7)] = 0.0
+    return out
 
 
 def random_motion_row(rng: np.random.Generator) -> np.void:

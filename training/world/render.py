@@ -34,7 +34,7 @@ from engine.errors import UserError
 from training.world.identity import Identity
 
 try:  # the clip ufunc: ~4x less call overhead than np.clip on the small arrays used here
-    from numpy._core.umath import clip as _clip
+    from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - older numpy
     _clip = np.clip
 
@@ -156,8 +156,8 @@ def _rig(idn: Identity) -> _Rig:
         "nostril": _c255(idn.skin, 0.35),
         "hair": _c255(idn.hair),
         "hair_back": _c255(idn.hair, 0.78),
-        "beard": _c255(idn.hair, 0.9),
-        "moustache": _c255(idn.hair, 0.85),
+        "beard": _c255(idn.beard_color, 0.9),
+        "moustache": _c255(idn.beard_color, 0.85),
         "lip": _c255(idn.lip),
         "lip_line": _c255(idn.lip, 0.45),
         "iris": _c255(idn.iris),
@@ -178,6 +178,7 @@ def _background_cached(idn: Identity, size: int) -> np.ndarray:
     c0, c1 = _c255(idn.bg0), _c255(idn.bg1)
     t = (np.arange(size, dtype=_F32) + 0.5) / size  # (S,) in (0, 1): same look at any size
     kind = idn.background
+    w: np.ndarray
     if kind == "solid":
         w = np.zeros((size, size), _F32)
     elif kind == "vgrad":
@@ -280,7 +281,8 @@ class _Frame:
     """One head placed in one image: rotation, pixels per head unit, origin, projected rig."""
 
     def __init__(self, idn: Identity, row: Row, size: int, img: np.ndarray | None = None):
-        self.img = img  # (3, size, size) float32 in [0, 255], drawn into in place
+        # (3, size, size) float32 in [0, 255], drawn into in place (empty: geometry only).
+        self.img = img if img is not None else np.empty((3, 0, 0), _F32)
         self.size = size
         self.idn = idn
         self.rig = rig = _rig(idn)
@@ -307,8 +309,10 @@ class _Frame:
         """Pixel position of an anchor moved by (du, dv) head units in its plane."""
         i = self.rig.names[name]
         p, u, v = self.P[i], self.U[i], self.V[i]
-        return (self.ox + self.K * (p[0] + du * u[0] + dv * v[0]),
-                self.oy - self.K * (p[1] + du * u[1] + dv * v[1]))
+        return (
+            self.ox + self.K * (p[0] + du * u[0] + dv * v[0]),
+            self.oy - self.K * (p[1] + du * u[1] + dv * v[1]),
+        )
 
     def facing(self, name: str) -> float:
         return self.N[self.rig.names[name]][2]
@@ -383,8 +387,12 @@ def _circle(u: np.ndarray, v: np.ndarray, cx: float, cy: float, r: float) -> np.
 
 def _segment(fr: _Frame, a: tuple[float, float], b: tuple[float, float], r_px: float):
     """(slices, alpha) of an anti-aliased capsule between pixel points a and b, or None."""
-    bb = fr.box(min(a[0], b[0]) - r_px, max(a[0], b[0]) + r_px,
-                min(a[1], b[1]) - r_px, max(a[1], b[1]) + r_px)
+    bb = fr.box(
+        min(a[0], b[0]) - r_px,
+        max(a[0], b[0]) + r_px,
+        min(a[1], b[1]) - r_px,
+        max(a[1], b[1]) + r_px,
+    )
     if bb is None:
         return None
     ix0, ix1, iy0, iy1 = bb
@@ -474,8 +482,7 @@ def _draw_back_hair(fr: _Frame) -> None:
         d, _, Xe, Ye, Zr = e.eval(*fr.grid(b))
         shade = _clip(0.8 + 0.25 * e.ndotl(Xe, Ye, Zr), 0.0, 1.0)
         ix0, ix1, iy0, iy1 = b
-        fr.blend((slice(iy0, iy1), slice(ix0, ix1)), _cov(d, fr.K),
-                 shade * fr.col["hair_back"])
+        fr.blend((slice(iy0, iy1), slice(ix0, ix1)), _cov(d, fr.K), shade * fr.col["hair_back"])
 
 
 def _draw_body(fr: _Frame) -> None:
@@ -495,8 +502,9 @@ def _draw_body(fr: _Frame) -> None:
         ix0, ix1, iy0, iy1 = b
         u = ((np.arange(ix0, ix1, dtype=_F32) - tx) * (1 / K))[None, :]
         v = ((np.arange(iy0, iy1, dtype=_F32) - ty) * (1 / K))[:, None]
-        fr.blend((slice(iy0, iy1), slice(ix0, ix1)), _cov(_ellipse(u, v, 1.75, 0.95), K),
-                 fr.col["shirt"])
+        fr.blend(
+            (slice(iy0, iy1), slice(ix0, ix1)), _cov(_ellipse(u, v, 1.75, 0.95), K), fr.col["shirt"]
+        )
 
 
 def _draw_ear(fr: _Frame, side: str, front: bool) -> None:
@@ -512,8 +520,9 @@ def _draw_ear(fr: _Frame, side: str, front: bool) -> None:
     b = fr.feature(f"ear_{side}", 0.1 * k, 0.17 * k, always=not front)
     if b is None:
         return
-    fr.blend(b.sl, _cov(_ellipse(b.u, b.v, 0.085 * k, 0.15 * k), b.px) * alpha_k,
-             fr.col["skin_ear"])
+    fr.blend(
+        b.sl, _cov(_ellipse(b.u, b.v, 0.085 * k, 0.15 * k), b.px) * alpha_k, fr.col["skin_ear"]
+    )
     s = 1.0 if side == "l" else -1.0
     a_in = _cov(_ellipse(b.u + 0.012 * s * k, b.v + 0.01, 0.045 * k, 0.1 * k), b.px)
     fr.blend(b.sl, a_in * (0.6 * alpha_k), fr.col["skin_ear_in"])
@@ -542,7 +551,7 @@ def _draw_head(fr: _Frame) -> None:
     w = _clip(0.5 + (z1 - z2) * 6.0, 0.0, 1.0)
     n2 = jaw.ndotl(X2, Y2, Z2)
     ndl = n2 + w * (cran.ndotl(X1, Y1, Z1) - n2)
-    shade = _clip(0.72 + 0.32 * ndl, 0.55, 1.0)
+    shade = _clip(0.8 + 0.28 * ndl, 0.66, 1.0)
     color = shade * fr.col["skin"]
     if idn.beard in ("full", "stubble", "goatee"):
         Lx, Ly, Lz = _to_local(fr, X, Y, np.maximum(z1, z2))
@@ -557,12 +566,15 @@ def _beard_alpha(idn: Identity, Lx, Ly, Lz, K: float) -> np.ndarray:
     soft = K / 3.0
     front = _clip((Lz + 0.1) * (K / 4.0), 0.0, 1.0)
     if idn.beard == "goatee":
-        q = (Lx * (1 / 0.2)) ** 2 + ((Ly - (idn.chin_y + 0.2)) * (1 / 0.2)) ** 2
-        return _clip((1.0 - q) * (K * 0.05), 0.0, 1.0) * front * 0.85
-    # Beard line rises from the lower cheek towards the sideburns at the ears.
-    top = (idn.mouth_y + 0.12) + (0.55 / idn.head_w**2) * Lx * Lx
-    a = _clip(0.5 + (top - Ly) * soft, 0.0, 1.0) * front
-    return a * (0.85 if idn.beard == "full" else 0.3)
+        q = (Lx * (1 / 0.17)) ** 2 + ((Ly - (idn.chin_y + 0.17)) * (1 / 0.15)) ** 2
+        return _clip((1.0 - q) * (K * 0.05), 0.0, 1.0) * front * 0.8
+    # Beard line rises from the lower cheek towards the sideburns at the ears; stubble sits
+    # lower with a softer edge.
+    if idn.beard == "full":
+        top = (idn.mouth_y + 0.1) + (0.32 / idn.head_w**2) * Lx * Lx
+        return _clip(0.5 + (top - Ly) * soft, 0.0, 1.0) * front * 0.85
+    top = (idn.mouth_y + 0.02) + (0.3 / idn.head_w**2) * Lx * Lx
+    return _clip(0.5 + (top - Ly) * (0.4 * soft), 0.0, 1.0) * front * 0.25
 
 
 def _draw_cheeks(fr: _Frame) -> None:
@@ -585,8 +597,12 @@ def _draw_nose(fr: _Frame) -> None:
         return
     # Ridge: a soft line from the bridge to the tip on the shadow side; the tip stands out of
     # the face, so the line swings with the head (parallax).
-    seg = _segment(fr, fr.point("nose_bridge", 0.3 * nw), fr.point("nose_tip", 0.5 * nw),
-                   max(0.6, 0.012 * fr.K))
+    seg = _segment(
+        fr,
+        fr.point("nose_bridge", 0.3 * nw),
+        fr.point("nose_tip", 0.5 * nw),
+        max(0.6, 0.012 * fr.K),
+    )
     if seg is not None:
         fr.blend(seg[0], seg[1] * (0.45 * vis), fr.col["shadow"])
     b = fr.feature("nose_tip", nw * 1.4, nw * 1.2)
@@ -606,7 +622,7 @@ def _draw_mouth(fr: _Frame, row: Row) -> None:
     mo = min(max(float(row["mouth_open"]), 0.0), 1.0)
     mw = min(max(float(row["mouth_width"]), 0.0), 1.0)
     mr = min(max(float(row["mouth_round"]), 0.0), 1.0)
-    W = idn.mouth_w * (0.8 + 0.4 * mw) * (1.0 - 0.3 * mr)  # lip half-width
+    W = idn.mouth_w * (0.7 + 0.6 * mw) * (1.0 - 0.3 * mr)  # lip half-width
     H = 0.26 * mo * (1.0 + 0.2 * mr)  # opening height
     lt = idn.lip_thick * (1.0 + 0.3 * mr)  # rounded lips pout
     # The jaw drops the lower lip more than the upper lip rises.
@@ -643,7 +659,7 @@ def _draw_eye(fr: _Frame, side: str, row: Row) -> None:
     idn = fr.idn
     ew, eh = idn.eye_w, idn.eye_h
     eh_lo = 0.7 * eh
-    b = fr.feature(f"eye_{side}", ew * 1.15, eh * 1.6)
+    b = fr.feature(f"eye_{side}", ew * 1.15, eh * 1.3)
     if b is None:
         return
     blink = min(max(float(row["blink_l" if side == "l" else "blink_r"]), 0.0), 1.0)
@@ -656,8 +672,8 @@ def _draw_eye(fr: _Frame, side: str, row: Row) -> None:
     fr.blend(b.sl, visible, _WHITE)
     gx = min(max(float(row["gaze_x"]), -1.0), 1.0)
     gy = min(max(float(row["gaze_y"]), -1.0), 1.0)
-    ri = eh * 0.95
-    icx, icy = gx * ew * 0.5, gy * eh * 0.45
+    ri = eh * 0.8
+    icx, icy = gx * ew * 0.5, gy * eh * 0.6
     fr.blend(b.sl, _cov(_circle(u, v, icx, icy, ri), px) * visible, fr.col["iris"])
     fr.blend(b.sl, _cov(_circle(u, v, icx, icy, ri * 0.45), px) * visible, _PUPIL)
     glint = _cov(_circle(u, v, icx - ri * 0.35, icy + ri * 0.35, ri * 0.2), px) * visible
@@ -712,6 +728,8 @@ def _draw_hair(fr: _Frame) -> None:
         line += (0.12 if idn.part_x >= 0 else -0.12) * xh
     elif style == "bangs":
         line += 0.035 * np.sin(28.0 * xh)
+    else:  # a slightly irregular hairline, different per identity
+        line += 0.02 * np.sin(17.0 * xh + 10.0 * idn.part_x)
     g = yh - line
     a = _cov(d, fr.K) * _clip(0.5 + g * (0.7 * fr.K), 0.0, 1.0)
     shade = _clip(0.7 + 0.35 * e.ndotl(Xe, Ye, Zr), 0.45, 1.0)
@@ -746,8 +764,11 @@ def _draw_glasses(fr: _Frame) -> None:
             r = 0.03
             qx = np.abs(b.u) - (gw - r)
             qy = np.abs(b.v) - (gh - r)
-            d = (np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
-                 + np.minimum(np.maximum(qx, qy), 0.0) - r)
+            d = (
+                np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
+                + np.minimum(np.maximum(qx, qy), 0.0)
+                - r
+            )
         fr.blend(b.sl, _cov(d, b.px) * (0.12 * b.vis), _LENS)
         fr.blend(b.sl, _cov(np.abs(d) - th, b.px) * b.vis, col)
     # Bridge between the lenses, and the temples back to the ears on sides that face us.
@@ -758,8 +779,9 @@ def _draw_glasses(fr: _Frame) -> None:
         facing = fr.facing(f"side_{side}")
         if facing <= 0.05:
             continue
-        seg = _segment(fr, fr.point(f"glass_{side}", sgn * gw), fr.point(f"ear_{side}", 0, 0.04),
-                       th * fr.K)
+        seg = _segment(
+            fr, fr.point(f"glass_{side}", sgn * gw), fr.point(f"ear_{side}", 0, 0.04), th * fr.K
+        )
         if seg is not None:
             fr.blend(seg[0], seg[1] * min(1.0, (facing - 0.05) / 0.2), col)
 

@@ -68,7 +68,13 @@ _NAMES = (
 _PREPS = "near behind under above beside inside across past".split()
 _ADVS = "quickly slowly carefully quietly happily loudly gently suddenly".split()
 _TIMES = (
-    "tomorrow", "tonight", "next week", "on Monday", "after lunch", "before dinner", "at noon"
+    "tomorrow",
+    "tonight",
+    "next week",
+    "on Monday",
+    "after lunch",
+    "before dinner",
+    "at noon",
 )
 _NUMS = "two three four five six seven eight nine ten twelve twenty".split()
 _PLACES = "kitchen garden station market village tunnel forest castle".split()
@@ -79,11 +85,13 @@ _SPLIT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         "noun": tuple(w for i, w in enumerate(_NOUNS) if i % 4 != 3),
         "adj": tuple(w for i, w in enumerate(_ADJS) if i % 4 != 3),
         "name": tuple(w for i, w in enumerate(_NAMES) if i % 4 != 3),
+        "place": tuple(w for w in _PLACES if w not in _NOUNS[3::4]),
     },
     "heldout": {
         "noun": tuple(w for i, w in enumerate(_NOUNS) if i % 4 == 3),
         "adj": tuple(w for i, w in enumerate(_ADJS) if i % 4 == 3),
         "name": tuple(w for i, w in enumerate(_NAMES) if i % 4 == 3),
+        "place": tuple(w for w in _PLACES if w in _NOUNS[3::4]),
     },
 }
 
@@ -125,9 +133,11 @@ def make_sentence(rng: np.random.Generator, split: str = "train") -> str:
         raise UserError(f"speech split must be 'train' or 'heldout', got {split!r}")
     own = _SPLIT_WORDS[split]
     # Non-subject slots: train may only use train words; held-out may use any word.
-    pool = _SPLIT_WORDS["train"] if split == "train" else {
-        "noun": tuple(_NOUNS), "adj": tuple(_ADJS), "name": tuple(_NAMES)
-    }
+    pool = (
+        _SPLIT_WORDS["train"]
+        if split == "train"
+        else {"noun": tuple(_NOUNS), "adj": tuple(_ADJS), "name": tuple(_NAMES)}
+    )
 
     def pick(seq: tuple[str, ...] | list[str]) -> str:
         return str(seq[int(rng.integers(len(seq)))])
@@ -154,15 +164,16 @@ def make_sentence(rng: np.random.Generator, split: str = "train") -> str:
         "adv": pick(_ADVS),
         "time": pick(_TIMES),
         "num": pick(_NUMS),
-        "place": pick(_PLACES),
+        "place": pick(own["place"] if split == "train" else _PLACES),
     }
     return template.format(**words)
 
 
 def sentence_words(split: str) -> set[str]:
-    """Words that only ``split``'s subjects use (for tests of the disjoint split)."""
+    """Nouns (singular and plural) and names of ``split``'s own pool: train sentences never
+    contain a held-out one, and every held-out sentence contains one."""
     w = _SPLIT_WORDS[split]
-    return set(w["noun"]) | set(w["name"])
+    return set(w["noun"]) | {_plural(n) for n in w["noun"]} | set(w["name"])
 
 
 def _run_espeak(ssml: str, voice: str, speed_wpm: int, pitch: int) -> np.ndarray:

@@ -1,0 +1,102 @@
+"""The Python clients against a live server: push (records MP4), bench (both transports)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import av
+import pytest
+
+from clients.bench import bench
+from clients.cli import mic
+from clients.media import ClientError
+from clients.ws import push_file
+from tests.test_server_support import bursts, running_server, write_wav
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 22.05 kHz like espeak-ng output, so the clients' resampling is exercised.
+    return write_wav(tmp_path_factory.mktemp("audio") / "bursts.wav", bursts(2.5, 22050), 22050)
+
+
+def test_push_records_synchronized_mp4(speech: Path, tmp_path: Path) -> None:
+    out = tmp_path / "push.mp4"
+
+    async def scenario() -> dict:
+        async with running_server() as (_, base):
+            return await push_file(base.replace("http", "ws") + "/ws", speech, out,
+                                   clear_at_s=1.5)
+
+    summary = asyncio.run(scenario())
+    assert summary["cleared"]["type"] == "cleared"
+    played = summary["cleared"]["played_samples"]
+    assert 0 < played < 1.5 * 16000
+    assert summary["flushed"]["played_samples"] == played  # nothing pushed after the clear
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        frames = list(c.decode(video=0))
+        assert (v.codec_context.width, v.codec_context.height) == (128, 128)
+        assert a.codec_context.sample_rate == 16000
+        assert len(frames) == summary["video_frames"] > 25
+        v_dur = float(frames[-1].pts * v.time_base)
+        a_dur = float(a.duration * a.time_base) if a.duration else None
+        assert a_dur is None or abs(a_dur - v_dur) < 0.2
+
+
+def test_bench_websocket_reports_latency(speech: Path, tmp_path: Path) -> None:
+    async def scenario() -> dict:
+        async with running_server() as (_, base):
+            return await bench(base.replace("http", "ws") + "/ws", speech,
+                               plot=tmp_path / "lat.png")
+
+    r = asyncio.run(scenario())
+    assert r["transport"] == "websocket" and 23 < r["fps"] < 27
+    assert r["dropped_frames"] == 0 and r["played_samples"] == r["sent_samples"]
+    # Nominal: 3 frames of stand-in latency + 3 of playout = 240 ms, less the silence slack.
+    assert 100 < r["latency_ms"]["p50"] < 400 and r["latency_ms"]["n"] > 40
+    assert 0 < r["first_frame_s"] < 2
+    assert (tmp_path / "lat.png").stat().st_size > 1000
+
+
+def test_bench_webrtc_aligns_returned_audio(speech: Path) -> None:
+    async def scenario() -> dict:
+        async with running_server() as (_, base):
+            return await bench(base, speech, ice_addresses=["127.0.0.1"])
+
+    r = asyncio.run(scenario())
+    assert r["transport"] == "webrtc" and 23 < r["fps"] < 27 and r["dropped_frames"] == 0
+    assert r["alignment"]["confidence"] > 0.5
+    assert 100 < r["latency_ms"]["p50"] < 500
+    # aiortc's receiver holds audio ~80 ms and video ~40 ms: |offset| stays within two frames.
+    assert abs(r["av_offset_ms"]["p50"]) < 80
+
+
+def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mic.mp4"
+
+    async def scenario() -> dict:
+        async with running_server() as (_, base):
+            args = argparse.Namespace(file=str(speech), seconds=2.0, device=None, record=str(out),
+                                      url=base, room=None, token=None,
+                                      ice_address=["127.0.0.1"])
+            return await mic(args)
+
+    summary = asyncio.run(scenario())
+    assert summary["video_frames"] > 35 and summary["audio_frames"] > 70
+    with av.open(str(out)) as c:
+        assert {s.type for s in c.streams} == {"video", "audio"}
+
+
+def test_client_errors_are_one_line(tmp_path: Path, speech: Path) -> None:
+    with pytest.raises(ClientError, match="not found"):
+        asyncio.run(push_file("ws://127.0.0.1:9/ws", tmp_path / "missing.wav"))
+    with pytest.raises(ClientError, match="cannot connect"):
+        asyncio.run(push_file("ws://127.0.0.1:9/ws", speech))
+    from livehead.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["client", "bench", "--url", "ftp://x", "--audio", str(speech)])
+    assert e.value.code == 2

@@ -1,0 +1,210 @@
+"""HTTP surface: bad input, limits, tokens, admission, metrics and health."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import aiohttp
+import pytest
+
+from engine.errors import UserError
+from server.app import check_bind
+from tests.test_server_support import http, png_bytes, running_server
+
+FAKE_SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+
+
+async def ws_presenter(session: aiohttp.ClientSession, base: str, room: str,
+                       headers: dict | None = None) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+    ws = await session.ws_connect(base.replace("http", "ws") + "/ws", headers=headers)
+    await ws.send_json({"type": "start", "sample_rate": 16000, "room": room})
+    return ws, await ws.receive_json()
+
+
+def test_malformed_and_huge_offers_are_refused() -> None:
+    async def scenario() -> None:
+        async with running_server() as (server, base):
+            cases = [
+                (dict(data=b"not json"), 400, "JSON"),
+                (dict(json={"type": "offer"}), 400, "sdp"),
+                (dict(json={"sdp": "hello", "type": "offer"}), 400, "v=0"),
+                (dict(json={"sdp": FAKE_SDP, "type": "answer"}), 400, "offer"),
+                (dict(json={"sdp": FAKE_SDP, "type": "offer", "role": "boss"}), 400, "role"),
+                (dict(json={"sdp": FAKE_SDP, "type": "offer", "room": "a/b"}), 400, "room"),
+                (dict(json={"sdp": FAKE_SDP, "type": "offer"}), 400, "negotiate"),
+                (dict(json={"sdp": "v=0\r\n" + "a=x\r\n" * 20000, "type": "offer"}), 413, "limit"),
+                (dict(json={"sdp": "v=0\r\ns=-\r\n", "type": "offer", "role": "viewer",
+                            "room": "nobody"}), 400, "m-line"),
+            ]
+            for kwargs, status, words in cases:
+                code, body, _ = await http("POST", base + "/offer", **kwargs)
+                assert code == status, (kwargs, body)
+                assert words in body["error"], body
+            code, body, _ = await http("POST", base + "/whip", data=FAKE_SDP,
+                                       headers={"Content-Type": "text/plain"})
+            assert code == 415 and "application/sdp" in body["error"]
+            code, body, _ = await http("POST", base + "/whep", data=b"v=0\r\n" * 20000,
+                                       headers={"Content-Type": "application/sdp"})
+            assert code == 413
+            code, body, _ = await http("PATCH", base + "/whep/x", data=b"",
+                                       headers={"Content-Type": "application/trickle-ice-sdpfrag"})
+            assert code == 405 and "trickle" in body["error"]
+            code, body, _ = await http("DELETE", base + "/whep/nope")
+            assert code == 404
+            # A failed negotiation leaves nothing behind, and the room it opened is closed.
+            assert not server.members and not server.rooms
+
+    asyncio.run(scenario())
+
+
+def test_viewer_needs_a_room_and_a_room_one_presenter() -> None:
+    async def scenario() -> None:
+        async with running_server(capacity=2) as (_, base), aiohttp.ClientSession() as s:
+            code, body, _ = await http("POST", base + "/offer", json={
+                "sdp": FAKE_SDP, "type": "offer", "role": "viewer", "room": "empty"})
+            assert code == 404 and "does not exist" in body["error"]
+            ws, started = await ws_presenter(s, base, "one")
+            assert started["type"] == "started"
+            ws2, refused = await ws_presenter(s, base, "one")
+            assert refused["type"] == "error" and "already has a presenter" in refused["message"]
+            await ws2.close()
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_capacity_is_enforced_with_503() -> None:
+    async def scenario() -> None:
+        async with running_server(capacity=1) as (server, base), aiohttp.ClientSession() as s:
+            ws, started = await ws_presenter(s, base, "first")
+            assert started["type"] == "started"
+            code, body, headers = await http("POST", base + "/offer", json={
+                "sdp": FAKE_SDP, "type": "offer", "room": "second"})
+            assert code == 503 and "capacity" in body["error"] and "Retry-After" in headers
+            ws2, refused = await ws_presenter(s, base, "third")
+            assert refused["status"] == 503
+            msg = await ws2.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013
+            assert server.refused == 2
+            _, metrics, _ = await http("GET", base + "/metrics")
+            assert "livehead_sessions_refused_total 2" in metrics
+            await ws.close()
+            await asyncio.sleep(0.1)
+            # The slot is free again once the first room closed.
+            ws3, again = await ws_presenter(s, base, "third")
+            assert again["type"] == "started"
+            await ws3.close()
+
+    asyncio.run(scenario())
+
+
+def test_avatar_upload_validation() -> None:
+    async def scenario() -> None:
+        overrides = ["server.max_upload_bytes=200000", "server.max_image_pixels=1000000"]
+        async with running_server(overrides) as (server, base), aiohttp.ClientSession() as s:
+            post = base + "/avatar"
+            code, body, _ = await http("POST", post, data=b"GIF89a? definitely not an image",
+                                       headers={"Content-Type": "image/gif"})
+            assert code == 415 and "not a readable image" in body["error"]
+            code, body, _ = await http("POST", post, data=b"\x00" * 300000)
+            assert code == 413 and "max_upload_bytes" in body["error"]
+            bomb = png_bytes(2000, 1000)  # small file, 2 Mpx declared
+            assert len(bomb) < 200000
+            code, body, _ = await http("POST", post, data=bomb)
+            assert code == 413 and "pixels" in body["error"]
+            code, body, _ = await http("POST", post, data=png_bytes(8, 8))
+            assert code == 422
+            form = aiohttp.FormData()
+            form.add_field("image", io.BytesIO(png_bytes(300, 200)), filename="me.png",
+                           content_type="image/png")
+            code, body, _ = await http("POST", post, data=form)
+            assert code == 200 and (body["width"], body["height"]) == (300, 200)
+            avatar_id = body["id"]
+            # Applying it: to a live room by id, over HTTP control.
+            ws, _ = await ws_presenter(s, base, "default")
+            code, reply, _ = await http("POST", base + "/control?room=default",
+                                        json={"type": "avatar", "id": avatar_id})
+            assert code == 200 and reply == {"type": "avatar", "id": avatar_id}
+            code, reply, _ = await http("POST", base + "/control",
+                                        json={"type": "avatar", "id": "f00"})
+            assert code == 404
+            code, reply, _ = await http("POST", post + "?room=default", data=png_bytes(64, 64))
+            assert code == 200 and reply["room"] == "default"
+            code, reply, _ = await http("POST", base + "/control", json={"type": "interrupt"})
+            assert code == 200 and reply["type"] == "interrupted" and reply["played_samples"] == 0
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_token_is_required_for_publishing_and_uploads() -> None:
+    async def scenario() -> None:
+        async with running_server(token="s3cret") as (_, base), aiohttp.ClientSession() as s:
+            offer = {"sdp": FAKE_SDP, "type": "offer"}
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                code, body, h = await http("POST", base + "/offer", json=offer, headers=headers)
+                assert code == 401 and "token" in body["error"] and h["WWW-Authenticate"]
+            for path in ("/avatar", "/control", "/whip"):
+                code, _, _ = await http("POST", base + path, data=b"x")
+                assert code == 401, path
+            # Viewing needs no token (here the room does not exist: 404, not 401).
+            code, _, _ = await http("POST", base + "/offer", json=dict(offer, role="viewer"))
+            assert code == 404
+            ws, refused = await ws_presenter(s, base, "r")
+            assert refused["type"] == "error" and "token" in refused["message"]
+            await ws.close()
+            ws = await s.ws_connect(base.replace("http", "ws") + "/ws")
+            await ws.send_json({"type": "start", "token": "s3cret"})  # browsers: in the message
+            assert (await ws.receive_json())["type"] == "started"
+            await ws.close()
+            ws, started = await ws_presenter(s, base, "r", {"Authorization": "Bearer s3cret"})
+            assert started["type"] == "started"
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_bind_beyond_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_bind("127.0.0.1", None)
+    with pytest.raises(UserError, match="token"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "t")
+    from livehead.cli import main
+
+    monkeypatch.delenv("LIVEHEAD_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--standin"]) == 2
+
+
+def test_health_metrics_and_no_cors_by_default() -> None:
+    async def scenario() -> None:
+        async with running_server() as (_, base), aiohttp.ClientSession() as s:
+            code, health, headers = await http("GET", base + "/health",
+                                               headers={"Origin": "https://evil.example"})
+            assert code == 200 and health["status"] == "ok" and health["sessions"] == 0
+            assert not any(k.lower().startswith("access-control") for k in headers)
+            ws, _ = await ws_presenter(s, base, "m")
+            await asyncio.sleep(1.2)
+            code, metrics, headers = await http("GET", base + "/metrics")
+            assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            values = {}
+            for line in metrics.splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    values[name] = float(value)
+            assert values["livehead_sessions"] == 1
+            assert values['livehead_ws_subscribers{room="m"}'] == 1
+            assert 20 < values['livehead_fps{room="m"}'] < 30
+            assert values['livehead_frames_sent_total{room="m"}'] > 15
+            assert 0.05 < values['livehead_latency_seconds{room="m",quantile="0.5"}'] < 0.5
+            assert values['livehead_video_dropped_total{room="m"}'] == 0
+            assert "# TYPE livehead_latency_seconds summary" in metrics
+            code, page, _ = await http("GET", base + "/")
+            assert code == 200 and "livehead" in page
+            code, js, _ = await http("GET", base + "/static/app.js")
+            assert code == 200 and "iceGatheringState" in js
+            code, _, _ = await http("GET", base + "/static/..%2Fserver.py")
+            assert code == 404
+            await ws.close()
+
+    asyncio.run(scenario())

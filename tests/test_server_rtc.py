@@ -1,0 +1,209 @@
+"""WebRTC end to end on loopback: Python aiortc clients <-> the server in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import aiohttp
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from clients.media import PacedPcmTrack
+from clients.rtc import RtcOptions, connect
+from tests.test_server_support import bursts, http, mouth_openness, running_server, wait_for
+
+LOOPBACK = ["127.0.0.1"]
+
+
+class Receiver:
+    """Reads a connection's video and audio tracks into lists (arrival time, pts, payload)."""
+
+    def __init__(self, video, audio=None, keep_images: bool = True) -> None:  # noqa: ANN001
+        self.video: list[tuple[float, int, np.ndarray | None]] = []
+        self.audio: list[tuple[float, int, np.ndarray]] = []
+        self.tasks = [asyncio.create_task(self._video(video, keep_images))]
+        if audio is not None:
+            self.tasks.append(asyncio.create_task(self._audio(audio)))
+
+    async def _video(self, track, keep: bool) -> None:  # noqa: ANN001
+        while True:
+            f = await track.recv()
+            self.video.append((time.monotonic(), int(f.pts),
+                               f.to_ndarray(format="rgb24") if keep else None))
+
+    async def _audio(self, track) -> None:  # noqa: ANN001
+        while True:
+            f = await track.recv()
+            x = f.to_ndarray().reshape(-1, len(f.layout.channels)).mean(axis=1)
+            self.audio.append((time.monotonic(), int(f.pts), x))
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def fps(self, skip: int = 5) -> float:
+        t = [v[0] for v in self.video[skip:]]
+        return (len(t) - 1) / (t[-1] - t[0])
+
+
+async def whep_viewer(base: str, room: str) -> tuple[RTCPeerConnection, asyncio.Future, str]:
+    """A standard WHEP client: recvonly offer as application/sdp, 201 + Location."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    video: asyncio.Future = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: t.kind == "video" and not video.done() and video.set_result(t))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{base}/whep?room={room}", data=pc.localDescription.sdp,
+        headers={"Content-Type": "application/sdp"}) as r:
+        assert r.status == 201, await r.text()
+        assert r.headers["Content-Type"].startswith("application/sdp")
+        location = r.headers["Location"]
+        await pc.setRemoteDescription(RTCSessionDescription(await r.text(), "answer"))
+    return pc, video, location
+
+
+def test_presenter_gets_video_at_25fps_with_audio_in_sync() -> None:
+    async def scenario() -> None:
+        async with running_server() as (server, base):
+            track = PacedPcmTrack(bursts(4.0, 48000), 48000)
+            conn = await connect(RtcOptions(base, ice_addresses=LOOPBACK), track)
+            rx = Receiver(conn.video, conn.audio)
+            await asyncio.sleep(2.0)
+            reply = await conn.send_control({"type": "controls", "pose_deg": [5, 0, 10],
+                                             "location": 0.1, "scale": 1.1})
+            assert reply["type"] == "controls" and reply["scale"] == 1.1
+            bad = await conn.send_control({"type": "controls", "location": 3})
+            assert bad["type"] == "error" and "location" in bad["message"]
+            await asyncio.sleep(1.0)
+            reply = await conn.send_control({"type": "interrupt"})
+            assert reply["type"] == "interrupted" and 0 < reply["played_samples"] < 3 * 16000
+            stats = await asyncio.wait_for(conn.messages.get(), 3)
+            assert stats["type"] == "stats" and stats["fps"] > 20
+            await rx.stop()
+            await conn.close()
+            await wait_for(lambda: not server.rooms)
+            return rx
+
+    rx = asyncio.run(scenario())
+    assert 23 < rx.fps() < 27
+    vpts = np.array([p for _, p, _ in rx.video])
+    assert np.all(np.diff(vpts) == 3600)  # 90 kHz clock, one frame per 40 ms, none missing
+    # Returned audio by its RTP timestamps (48 kHz); both tracks start on the same frame.
+    a0, v0 = rx.audio[0][1], rx.video[0][1]
+    audio = np.zeros(rx.audio[-1][1] - a0 + 960, np.float32)
+    for _, pts, x in rx.audio:
+        audio[pts - a0 : pts - a0 + len(x)] = x
+    # Each frame's mouth follows the loudness of the audio that plays with it (same pts).
+    opening, loudness = [], []
+    for _, pts, img in rx.video[:75]:  # before the controls move the face
+        i = (pts - v0) * 48000 // 90000
+        if i + 1920 <= len(audio):
+            opening.append(mouth_openness(img))
+            loudness.append(float(np.sqrt(np.mean(audio[i : i + 1920] ** 2))))
+    o, a = np.array(opening), np.array(loudness)
+    corr = {lag: np.corrcoef(o[max(0, lag):len(o) + min(0, lag)],
+                             a[max(0, -lag):len(a) - max(0, lag)])[0, 1] for lag in range(-3, 4)}
+    assert corr[0] > 0.8, corr
+    assert max(corr, key=corr.get) == 0, corr
+
+
+def test_presenter_and_two_viewers_share_one_encode() -> None:
+    async def scenario() -> None:
+        async with running_server() as (server, base):
+            presenter = await connect(RtcOptions(base, room="show", ice_addresses=LOOPBACK),
+                                      PacedPcmTrack(bursts(4.0, 48000), 48000))
+            viewer = await connect(RtcOptions(base, role="viewer", room="show",
+                                              ice_addresses=LOOPBACK))
+            whep_pc, whep_video, location = await whep_viewer(base, "show")
+            receivers = [Receiver(presenter.video, keep_images=False),
+                         Receiver(viewer.video, viewer.audio, keep_images=False),
+                         Receiver(await asyncio.wait_for(whep_video, 10), keep_images=False)]
+            await asyncio.sleep(3.0)
+            room = server.rooms["show"]
+            assert room.subscribers == (3, 0)
+            sent, encoded = room.stats.frames_sent, room.stats.frames_encoded
+            # Viewers' data channels do not control.
+            reply = await viewer.send_control({"type": "interrupt"})
+            assert reply["type"] == "error" and "viewers" in reply["message"]
+            for r in receivers:
+                await r.stop()
+            code, _, _ = await http("DELETE", base + location)
+            assert code == 200
+            await wait_for(lambda: room.subscribers == (2, 0))
+            await whep_pc.close()
+            await viewer.close()
+            await presenter.close()
+            await wait_for(lambda: not server.rooms and not server.members)
+            return receivers, sent, encoded
+
+    receivers, sent, encoded = asyncio.run(scenario())
+    for r in receivers:
+        assert len(r.video) > 50 and 23 < r.fps() < 27
+    assert len(receivers[1].audio) > 100  # the viewer hears the avatar too
+    # One VP8 encode per frame for all three peers (not one per peer).
+    assert encoded <= sent + 5
+
+
+def test_abrupt_disconnect_leaks_nothing_and_spares_other_rooms() -> None:
+    async def scenario() -> None:
+        async with running_server(["server.peer_timeout_s=1.5"], capacity=3) as (server, base):
+            baseline_tasks = len(asyncio.all_tasks())
+            # Room A: a WebSocket agent that keeps streaming throughout.
+            async with aiohttp.ClientSession() as s, s.ws_connect(
+                    base.replace("http", "ws") + "/ws") as ws:
+                await ws.send_json({"type": "start", "sample_rate": 16000, "room": "steady"})
+                assert (await ws.receive_json())["type"] == "started"
+                arrivals: list[float] = []
+
+                async def read_ws() -> None:
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            arrivals.append(time.monotonic())
+
+                ws_task = asyncio.create_task(read_ws())
+                # Room B: a WebRTC presenter whose network vanishes (no DTLS close, no BYE).
+                conn = await connect(RtcOptions(base, room="doomed", ice_addresses=LOOPBACK),
+                                     PacedPcmTrack(bursts(10.0, 48000), 48000))
+                rx = Receiver(conn.video, keep_images=False)
+                await wait_for(lambda: len(rx.video) > 10)
+                threads = {t.name for t in threading.enumerate()}
+                assert "livehead-room-doomed" in threads
+                t_cut = time.monotonic()
+                for t in conn.pc.getTransceivers():
+                    await t.receiver.transport.transport.stop()  # the ICE transport: UDP gone
+                # Room C: a WebSocket client that drops its TCP connection mid-stream.
+                ws_c = await s.ws_connect(base.replace("http", "ws") + "/ws")
+                await ws_c.send_json({"type": "start", "sample_rate": 16000, "room": "abort"})
+                assert (await ws_c.receive_json())["type"] == "started"
+                await ws_c.send_bytes(bursts(0.5, 16000).tobytes())
+                await asyncio.sleep(0.3)
+                ws_c._response.connection.transport.abort()
+                await wait_for(lambda: set(server.rooms) == {"steady"}, timeout=8)
+                t_gone = time.monotonic()
+                await rx.stop()
+                await conn.close()
+                await asyncio.sleep(0.5)
+                # Nothing left of B and C: members, rooms, worker threads, tasks.
+                assert [m.room for m in server.members.values()] == ["steady"]
+                alive = {t.name for t in threading.enumerate()}
+                assert "livehead-room-doomed" not in alive and "livehead-room-abort" not in alive
+                names = {t.get_name() for t in asyncio.all_tasks()}
+                assert not any("doomed" in n or "abort" in n for n in names), names
+                # Room A never noticed: frames kept coming at 25 fps.
+                window = [t for t in arrivals if t_cut - 0.5 < t < t_gone]
+                gaps = np.diff(window)
+                assert len(window) > 20 and gaps.max() < 0.2, gaps.max()
+                assert 22 < (len(window) - 1) / (window[-1] - window[0]) < 28
+                ws_task.cancel()
+            await wait_for(lambda: not server.rooms and not server.members)
+            # Only the test's own task and the server's watchdog remain.
+            await asyncio.sleep(0.2)
+            assert len(asyncio.all_tasks()) <= baseline_tasks + 1, asyncio.all_tasks()
+            assert not any(t.name.startswith("livehead-room") for t in threading.enumerate())
+
+    asyncio.run(scenario())
