@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from clients.media import ClientError, PacedPcmTrack, load_audio
-from clients.rtc import RtcOptions, connect
+from clients.rtc import RtcOptions, connect, recv_audio, recv_video
 from clients.ws import PUSH_RATE, run_push
 
 FRAME_S = 0.04
@@ -32,9 +32,12 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | int | Non
     v = np.asarray(values, dtype=np.float64)
     if not len(v):
         return {"p50": None, "p95": None, "p99": None, "n": 0}
-    return {"p50": round(float(np.percentile(v, 50)), 1),
-            "p95": round(float(np.percentile(v, 95)), 1),
-            "p99": round(float(np.percentile(v, 99)), 1), "n": int(len(v))}
+    return {
+        "p50": round(float(np.percentile(v, 50)), 1),
+        "p95": round(float(np.percentile(v, 95)), 1),
+        "p99": round(float(np.percentile(v, 99)), 1),
+        "n": int(len(v)),
+    }
 
 
 def timing(arrivals: list[float]) -> dict[str, Any]:
@@ -43,8 +46,11 @@ def timing(arrivals: list[float]) -> dict[str, Any]:
     if len(t) < 2:
         return {"fps": 0.0, "jitter_ms": None, "interval_ms": percentiles([])}
     d = np.diff(t) * 1000
-    return {"fps": round((len(t) - 1) / (t[-1] - t[0]), 2),
-            "jitter_ms": round(float(np.std(d)), 2), "interval_ms": percentiles(d)}
+    return {
+        "fps": round((len(t) - 1) / (t[-1] - t[0]), 2),
+        "jitter_ms": round(float(np.std(d)), 2),
+        "interval_ms": percentiles(d),
+    }
 
 
 async def bench_ws(url: str, pcm16: np.ndarray, token: str | None, room: str | None) -> dict:
@@ -115,34 +121,40 @@ def _envelope_lag(sent: np.ndarray, received: np.ndarray, rate: int) -> tuple[in
     return best, peak
 
 
-async def bench_webrtc(url: str, pcm48: np.ndarray, token: str | None, room: str | None,
-                       ice_addresses: list[str], tail_s: float = 1.5) -> dict:
+async def bench_webrtc(
+    url: str,
+    pcm48: np.ndarray,
+    token: str | None,
+    room: str | None,
+    ice_addresses: list[str],
+    tail_s: float = 1.5,
+) -> dict:
     track = PacedPcmTrack(pcm48, RTC_RATE)
     t_begin = time.monotonic()
-    conn = await connect(RtcOptions(url, "presenter", room or "default", token, True,
-                                     ice_addresses), track)
+    conn = await connect(
+        RtcOptions(url, "presenter", room or "default", token, True, ice_addresses), track
+    )
     video: list[tuple[float, int]] = []
     audio: list[tuple[float, int, np.ndarray]] = []
 
     async def read_video() -> None:
         while True:
-            f = await conn.video.recv()
-            video.append((time.monotonic(), int(f.pts)))
+            f = await recv_video(conn.video)
+            video.append((time.monotonic(), int(f.pts or 0)))
 
     async def read_audio() -> None:
         assert conn.audio is not None
         while True:
-            f = await conn.audio.recv()
-            x = f.to_ndarray().reshape(-1, len(f.layout.channels)).mean(axis=1)
-            audio.append((time.monotonic(), int(f.pts), x.astype(np.float32)))
+            pts, x = await recv_audio(conn.audio)
+            audio.append((time.monotonic(), pts, x.astype(np.float32)))
 
     tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]
     try:
         await asyncio.wait_for(track.done.wait(), track.duration_s + 30)
         await asyncio.sleep(tail_s)
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await conn.close()
     if not video or not audio:
@@ -161,7 +173,8 @@ async def bench_webrtc(url: str, pcm48: np.ndarray, token: str | None, room: str
     def t_sent(sample: int) -> float | None:
         if sample < 0 or sample >= len(pcm48):
             return None
-        return float(sent_t[min(len(sent_t) - 1, np.searchsorted(sent_idx, sample, "right") - 1)])
+        i = int(np.searchsorted(sent_idx, sample, "right")) - 1
+        return float(sent_t[min(len(sent_t) - 1, i)])
 
     latency, t_lat, av_offset = [], [], []
     for t, pts in video:
@@ -174,8 +187,11 @@ async def bench_webrtc(url: str, pcm48: np.ndarray, token: str | None, room: str
         k = int(np.searchsorted(a_pos, int(round(m * RTC_RATE)), "right") - 1)
         if 0 <= k < len(audio):
             av_offset.append((t - a_arrival[k]) * 1000)
-    audio_latency = [(t - ts) * 1000 for (t, _, x), pos in zip(audio, a_pos)
-                     if (ts := t_sent(int(pos) + len(x) - 1 - lag)) is not None]
+    audio_latency = [
+        (t - ts) * 1000
+        for (t, _, x), pos in zip(audio, a_pos)
+        if (ts := t_sent(int(pos) + len(x) - 1 - lag)) is not None
+    ]
     vpts = np.array([p for _, p in video])
     gaps = int(np.sum(np.maximum(0, np.round(np.diff(vpts) / 3600) - 1))) if len(vpts) > 1 else 0
     return {
@@ -187,8 +203,10 @@ async def bench_webrtc(url: str, pcm48: np.ndarray, token: str | None, room: str
         "audio_latency_ms": percentiles(audio_latency),
         "av_offset_ms": percentiles(av_offset),
         "dropped_frames": gaps,
-        "alignment": {"lag_ms": round(lag * 1000 / RTC_RATE, 1),
-                      "confidence": round(confidence, 3)},
+        "alignment": {
+            "lag_ms": round(lag * 1000 / RTC_RATE, 1),
+            "confidence": round(confidence, 3),
+        },
         "_latency_series": (t_lat, latency),
     }
 
@@ -214,9 +232,15 @@ def plot_latency(series: tuple[list[float], list[float]], path: str | Path, titl
     plt.close(fig)
 
 
-async def bench(url: str, audio: str | Path, token: str | None = None, room: str | None = None,
-                ice_addresses: list[str] | None = None, seconds: float | None = None,
-                plot: str | Path | None = None) -> dict:
+async def bench(
+    url: str,
+    audio: str | Path,
+    token: str | None = None,
+    room: str | None = None,
+    ice_addresses: list[str] | None = None,
+    seconds: float | None = None,
+    plot: str | Path | None = None,
+) -> dict:
     """Run one measurement; returns the report (``_latency_series`` removed)."""
     if url.startswith(("ws://", "wss://")):
         pcm = load_audio(audio, PUSH_RATE)

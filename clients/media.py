@@ -98,25 +98,33 @@ class MicrophoneTrack(MediaStreamTrack):
         try:
             import sounddevice as sd
         except (ImportError, OSError) as e:
-            raise ClientError(f"microphone input needs sounddevice and PortAudio ({e}); "
-                              "or pass --file") from None
+            raise ClientError(
+                f"microphone input needs sounddevice and PortAudio ({e}); or pass --file"
+            ) from None
         self.sample_rate = sample_rate
-        self._loop = asyncio.get_running_loop()
+        self._event_loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
         self._n = 0
 
         def callback(indata: np.ndarray, frames: int, t: object, status: object) -> None:
             # PortAudio's thread: hand a copy to the event loop, never block here.
-            self._loop.call_soon_threadsafe(self._offer, indata[:, 0].copy())
+            self._event_loop.call_soon_threadsafe(self._offer, indata[:, 0].copy())
 
         try:
-            self._stream = sd.InputStream(samplerate=sample_rate, channels=1, dtype="int16",
-                                          blocksize=sample_rate // 50, device=device,
-                                          callback=callback)
+            self._stream = sd.InputStream(
+                samplerate=sample_rate,
+                channels=1,
+                dtype="int16",
+                blocksize=sample_rate // 50,
+                device=device,
+                callback=callback,
+            )
             self._stream.start()
         except Exception as e:  # PortAudioError, ValueError (no such device)
-            raise ClientError(f"cannot open the microphone ({e}); list devices with "
-                              "`python -m sounddevice`, or pass --file") from None
+            raise ClientError(
+                f"cannot open the microphone ({e}); list devices with "
+                "`python -m sounddevice`, or pass --file"
+            ) from None
 
     def _offer(self, block: np.ndarray) -> None:
         if self._queue.full():
@@ -145,8 +153,9 @@ class Mp4Recorder:
     an MP4 (H.264 + AAC). Video times and audio sample counts share one origin (the first
     frame of the stream), so the file plays in sync exactly when the stream was in sync."""
 
-    def __init__(self, path: str | Path, audio_rate: int, audio_channels: int = 1,
-                 fps: int = 25) -> None:
+    def __init__(
+        self, path: str | Path, audio_rate: int, audio_channels: int = 1, fps: int = 25
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), mode="w")
@@ -154,8 +163,9 @@ class Mp4Recorder:
         self._astream = self._container.add_stream("aac", rate=audio_rate)
         self._astream.layout = "mono" if audio_channels == 1 else "stereo"
         self._achannels = audio_channels
-        self._resampler = av.AudioResampler(format="fltp", layout=self._astream.layout.name,
-                                            rate=audio_rate, frame_size=1024)
+        self._resampler = av.AudioResampler(
+            format="fltp", layout=self._astream.layout.name, rate=audio_rate, frame_size=1024
+        )
         self._vstream: av.VideoStream | None = None
         self._fps = fps
         self._last_vpts = -1
@@ -178,8 +188,8 @@ class Mp4Recorder:
             return  # repeated or reordered timestamp: keep the stream monotonic
         self._last_vpts = pts
         frame = av.VideoFrame.from_ndarray(
-            np.ascontiguousarray(rgb[: self._vstream.height, : self._vstream.width]),
-            format="rgb24")
+            np.ascontiguousarray(rgb[: self._vstream.height, : self._vstream.width]), format="rgb24"
+        )
         frame.pts = pts
         frame.time_base = fractions.Fraction(1, 90000)
         for packet in self._vstream.encode(frame):
@@ -192,10 +202,14 @@ class Mp4Recorder:
         if pcm.ndim == 1:
             pcm = pcm[:, None]
         if pcm.shape[1] != self._achannels:
-            pcm = pcm.mean(axis=1, keepdims=True).astype(np.int16) if self._achannels == 1 \
+            pcm = (
+                pcm.mean(axis=1, keepdims=True).astype(np.int16)
+                if self._achannels == 1
                 else np.repeat(pcm[:, :1], self._achannels, axis=1)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm.reshape(1, -1)),
-                                           format="s16", layout=self._astream.layout.name)
+            )
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(pcm.reshape(1, -1)), format="s16", layout=self._astream.layout.name
+        )
         frame.sample_rate = self._audio_rate
         frame.pts = None
         self._encode_audio(self._resampler.resample(frame))

@@ -1,23 +1,44 @@
 """A Python WebRTC client for livehead: publish audio, receive the avatar (aiortc).
 
-    conn = await connect(RtcOptions("http://127.0.0.1:8080", role="presenter"), audio_track)
-    frame = await conn.video.recv()     # av.VideoFrame, pts on the 90 kHz RTP clock
-    await conn.close()
+conn = await connect(RtcOptions("http://127.0.0.1:8080", role="presenter"), audio_track)
+frame = await conn.video.recv()     # av.VideoFrame, pts on the 90 kHz RTP clock
+await conn.close()
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
+import av
+import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from clients.media import ClientError
+
+
+async def recv_video(track: MediaStreamTrack) -> av.VideoFrame:
+    """The next decoded video frame (pts on the 90 kHz RTP clock)."""
+    frame = await track.recv()
+    if not isinstance(frame, av.VideoFrame):
+        raise ClientError(f"expected a video frame, got {type(frame).__name__}")
+    return frame
+
+
+async def recv_audio(track: MediaStreamTrack) -> tuple[int, np.ndarray]:
+    """The next decoded audio frame as (pts on the 48 kHz RTP clock, (N,) int16 mono)."""
+    frame = await track.recv()
+    if not isinstance(frame, av.AudioFrame) or frame.pts is None:
+        raise ClientError(f"expected an audio frame, got {type(frame).__name__}")
+    x = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
+    return int(frame.pts), x.mean(axis=1).astype(np.int16)
 
 
 def restrict_ice(addresses: list[str]) -> None:
@@ -30,8 +51,13 @@ def restrict_ice(addresses: list[str]) -> None:
         aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(allowed)
 
 
-def http_json(url: str, body: dict | None = None, token: str | None = None,
-              method: str | None = None, timeout: float = 30.0) -> dict:
+def http_json(
+    url: str,
+    body: dict | None = None,
+    token: str | None = None,
+    method: str | None = None,
+    timeout: float = 30.0,
+) -> dict:
     """POST JSON (or GET) and return the JSON reply; HTTP errors become ClientError with the
     server's message (blocking: call through asyncio.to_thread)."""
     data = None if body is None else json.dumps(body).encode()
@@ -68,7 +94,7 @@ class RtcConnection:
     pc: RTCPeerConnection
     video: MediaStreamTrack
     audio: MediaStreamTrack | None
-    channel: object | None
+    channel: Any
     member_id: str
     t_offer: float  # time.monotonic() when the offer was posted
     messages: asyncio.Queue = field(default_factory=asyncio.Queue)  # data channel JSON
@@ -88,15 +114,18 @@ class RtcConnection:
         await self.pc.close()
 
 
-async def connect(opts: RtcOptions, audio_track: MediaStreamTrack | None = None,
-                  timeout: float = 20.0) -> RtcConnection:
+async def connect(
+    opts: RtcOptions, audio_track: MediaStreamTrack | None = None, timeout: float = 20.0
+) -> RtcConnection:
     """Offer (audio out if given, audio + video in), wait for the remote tracks."""
     restrict_ice(opts.ice_addresses)
     # No STUN: the default Google server is unreachable in closed networks and stalls gathering.
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     loop = asyncio.get_running_loop()
-    tracks: dict[str, asyncio.Future] = {"video": loop.create_future(),
-                                         "audio": loop.create_future()}
+    tracks: dict[str, asyncio.Future] = {
+        "video": loop.create_future(),
+        "audio": loop.create_future(),
+    }
     messages: asyncio.Queue = asyncio.Queue()
     channel = None
     try:
@@ -109,11 +138,9 @@ async def connect(opts: RtcOptions, audio_track: MediaStreamTrack | None = None,
             channel = pc.createDataChannel("control")
 
             @channel.on("message")
-            def on_message(message: object) -> None:
-                try:
+            def on_message(message: str) -> None:
+                with contextlib.suppress(TypeError, ValueError):
                     messages.put_nowait(json.loads(message))
-                except (TypeError, ValueError):
-                    pass
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -124,9 +151,11 @@ async def connect(opts: RtcOptions, audio_track: MediaStreamTrack | None = None,
         await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers ICE here
         t_offer = time.monotonic()
         answer = await asyncio.to_thread(
-            http_json, opts.url.rstrip("/") + "/offer",
-            {"sdp": pc.localDescription.sdp, "type": "offer", "role": opts.role,
-             "room": opts.room}, opts.token)
+            http_json,
+            opts.url.rstrip("/") + "/offer",
+            {"sdp": pc.localDescription.sdp, "type": "offer", "role": opts.role, "room": opts.room},
+            opts.token,
+        )
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         video = await asyncio.wait_for(tracks["video"], timeout)
         audio = tracks["audio"].result() if tracks["audio"].done() else None

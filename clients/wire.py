@@ -39,8 +39,20 @@ def parse_frame(data: bytes) -> Frame:
     """Parse one binary message (raises WireError)."""
     if len(data) < HEADER.size:
         raise WireError(f"message of {len(data)} bytes is shorter than the 40-byte header")
-    (magic, version, flags, header_len, pts, played, rate, n_samples, width, height, _reserved,
-     jpeg_len) = HEADER.unpack_from(data)
+    (
+        magic,
+        version,
+        flags,
+        header_len,
+        pts,
+        played,
+        rate,
+        n_samples,
+        width,
+        height,
+        _reserved,
+        jpeg_len,
+    ) = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}")
     if version != VERSION:

@@ -78,7 +78,7 @@ async def run_push(
         ws = await ws_cm.__aenter__()
     except InvalidStatus as e:
         raise ClientError(f"{url}: HTTP {e.response.status_code}") from None
-    except (OSError, WebSocketException, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError, WebSocketException) as e:
         raise ClientError(f"cannot connect to {url}: {e}") from None
     try:
         run.t_connect = time.monotonic()
@@ -131,8 +131,11 @@ async def run_push(
         send_task = asyncio.create_task(sender())
         try:
             limit = len(pcm) / sample_rate + timeout_s
-            done, _ = await asyncio.wait({recv_task, asyncio.ensure_future(flushed.wait())},
-                                         timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {recv_task, asyncio.ensure_future(flushed.wait())},
+                timeout=limit,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if recv_task in done:
                 recv_task.result()  # raises the server's error or the connection's
                 raise ClientError("the server closed the connection early")
@@ -149,9 +152,14 @@ async def run_push(
     return run
 
 
-async def push_file(url: str, audio: str | Path, out: str | Path | None = None,
-                    token: str | None = None, room: str | None = None,
-                    clear_at_s: float | None = None) -> dict:
+async def push_file(
+    url: str,
+    audio: str | Path,
+    out: str | Path | None = None,
+    token: str | None = None,
+    room: str | None = None,
+    clear_at_s: float | None = None,
+) -> dict:
     """``livehead client push``: push a file, record what comes back, return a summary."""
     pcm = load_audio(audio, PUSH_RATE)
     recorder = None
@@ -167,12 +175,14 @@ async def push_file(url: str, audio: str | Path, out: str | Path | None = None,
             first_pts.append(frame.pts_samples)
         recorder.audio(frame.pcm)
         if frame.jpeg is not None:
-            recorder.video(decode(frame.jpeg), (frame.pts_samples - first_pts[0])
-                           / frame.sample_rate)
+            recorder.video(
+                decode(frame.jpeg), (frame.pts_samples - first_pts[0]) / frame.sample_rate
+            )
 
     try:
-        run = await run_push(url, pcm, token=token, room=room, clear_at_s=clear_at_s,
-                             on_frame=on_frame)
+        run = await run_push(
+            url, pcm, token=token, room=room, clear_at_s=clear_at_s, on_frame=on_frame
+        )
     finally:
         if recorder is not None:
             recorder.close()

@@ -38,7 +38,7 @@ from typing import Any
 
 import av
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
@@ -65,6 +65,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WS_START_TIMEOUT_S = 10.0
 WATCHDOG_PERIOD_S = 1.0
 ROLES = ("presenter", "viewer")
+OFFER_SHAPE = 'body must be JSON {"sdp": ..., "type": "offer", "role": ..., "room": ...}'
 
 
 class ServerError(Exception):
@@ -95,7 +96,8 @@ def check_bind(host: str, token: str | None) -> None:
     if host not in LOOPBACK_HOSTS and not token:
         raise UserError(
             f"refusing to listen on {host} without a token: pass --token or set LIVEHEAD_TOKEN "
-            "(publishing and uploads then need 'Authorization: Bearer <token>')")
+            "(publishing and uploads then need 'Authorization: Bearer <token>')"
+        )
 
 
 def parse_controls(msg: dict[str, Any]) -> Controls:
@@ -216,14 +218,17 @@ class LiveheadServer:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-        await asyncio.gather(*(self._drop_member(m, "server shutting down")
-                               for m in list(self.members.values())))
+        await asyncio.gather(
+            *(self._drop_member(m, "server shutting down") for m in list(self.members.values()))
+        )
         await asyncio.gather(*(room.close() for room in list(self.rooms.values())))
         self.rooms.clear()
         log.info("server stopped")
 
     @web.middleware
-    async def _errors_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+    async def _errors_middleware(
+        self, request: web.Request, handler: Callable
+    ) -> web.StreamResponse:
         try:
             resp = await handler(request)
         except ServerError as e:
@@ -255,20 +260,25 @@ class LiveheadServer:
         header = request.headers.get("Authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise ServerError(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
-                              {"WWW-Authenticate": "Bearer"})
+            raise ServerError(
+                401,
+                "missing or wrong token: send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     async def _read_body(self, request: web.Request, limit: int, what: str, setting: str) -> bytes:
         """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole)."""
         if request.content_length is not None and request.content_length > limit:
-            raise ServerError(413, f"{what} is {request.content_length} bytes; the limit is "
-                                   f"{limit} ({setting})")
+            raise ServerError(
+                413, f"{what} is {request.content_length} bytes; the limit is {limit} ({setting})"
+            )
         data = bytearray()
         async for chunk in request.content.iter_chunked(65536):
             data += chunk
             if len(data) > limit:
-                raise ServerError(413, f"{what} is larger than the limit of {limit} bytes "
-                                       f"({setting})")
+                raise ServerError(
+                    413, f"{what} is larger than the limit of {limit} bytes ({setting})"
+                )
         return bytes(data)
 
     @staticmethod
@@ -298,13 +308,20 @@ class LiveheadServer:
                     room = await self._create_room(room_name)
             else:
                 if room is None:
-                    raise ServerError(404, f"room '{room_name}' does not exist; a presenter "
-                                           "creates it (POST /offer role=presenter, /whip or /ws)")
+                    raise ServerError(
+                        404,
+                        f"room '{room_name}' does not exist; a presenter "
+                        "creates it (POST /offer role=presenter, /whip or /ws)",
+                    )
                 viewers = sum(1 for m in self._room_members(room_name) if m.role == "viewer")
                 if viewers >= self.scfg.max_viewers_per_room:
                     self.refused += 1
-                    raise ServerError(503, f"room '{room_name}' has {viewers} viewers, the limit "
-                                           "(server.max_viewers_per_room)", {"Retry-After": "10"})
+                    raise ServerError(
+                        503,
+                        f"room '{room_name}' has {viewers} viewers, the limit "
+                        "(server.max_viewers_per_room)",
+                        {"Retry-After": "10"},
+                    )
             member = Member(secrets.token_urlsafe(12), role, room_name, kind)
             self.members[member.id] = member
         log.info("joined %s", kv(member=member.id, role=role, kind=kind, room=room_name))
@@ -314,9 +331,11 @@ class LiveheadServer:
         if len(self.rooms) + self._creating >= self.capacity:
             self.refused += 1
             raise ServerError(
-                503, f"server is at capacity: {len(self.rooms)} of {self.capacity} real-time "
-                     "sessions in use (server.max_sessions); try again later",
-                {"Retry-After": "10"})
+                503,
+                f"server is at capacity: {len(self.rooms)} of {self.capacity} real-time "
+                "sessions in use (server.max_sessions); try again later",
+                {"Retry-After": "10"},
+            )
         self._creating += 1
         try:
             # The factory may prepare the avatar or load state: keep it off the event loop.
@@ -325,12 +344,20 @@ class LiveheadServer:
             raise ServerError(500, f"could not start a session: {e}") from None
         finally:
             self._creating -= 1
-        room = Room(name, session, self.settings, asyncio.get_running_loop(),
-                    on_failed=self._room_failed)
+        room = Room(
+            name, session, self.settings, asyncio.get_running_loop(), on_failed=self._room_failed
+        )
         room.start()
         self.rooms[name] = room
-        log.info("room open %s", kv(room=name, sessions=len(self.rooms), capacity=self.capacity,
-                                   delay_ms=room.delay_samples * 1000 / SAMPLE_RATE))
+        log.info(
+            "room open %s",
+            kv(
+                room=name,
+                sessions=len(self.rooms),
+                capacity=self.capacity,
+                delay_ms=room.delay_samples * 1000 / SAMPLE_RATE,
+            ),
+        )
         return room
 
     def _room_failed(self, room: Room, exc: BaseException) -> None:
@@ -353,8 +380,7 @@ class LiveheadServer:
         if member.closing:
             return
         member.closing = True
-        log.info("left %s", kv(member=member.id, role=member.role, room=member.room,
-                               reason=reason))
+        log.info("left %s", kv(member=member.id, role=member.role, room=member.room, reason=reason))
         room = self.rooms.get(member.room)
         if room is not None and member.sub is not None:
             room.remove_rtp(member.sub)
@@ -365,8 +391,9 @@ class LiveheadServer:
         if member.ws is not None and not member.ws.closed:
             with contextlib.suppress(Exception):
                 await member.ws.send_json({"type": "error", "message": reason})
-                await member.ws.close(code=1001 if "shutting" in reason else 1011,
-                                      message=reason[:100].encode())
+                await member.ws.close(
+                    code=1001 if "shutting" in reason else 1011, message=reason[:100].encode()
+                )
         if member.pc is not None:
             with contextlib.suppress(Exception):
                 await member.pc.close()
@@ -415,8 +442,9 @@ class LiveheadServer:
             "queue_frames": room.queue_depth,
             "delay_ms": room.delay_samples * 1000 / SAMPLE_RATE,
             "latency_ms_p50": None if lat is None else round(float(np.median(lat)) * 1000, 1),
-            "latency_ms_p95": None if lat is None else round(
-                float(np.percentile(lat, 95)) * 1000, 1),
+            "latency_ms_p95": None
+            if lat is None
+            else round(float(np.percentile(lat, 95)) * 1000, 1),
         }
 
     # ---------------------------------------------------------------------------------------
@@ -436,14 +464,15 @@ class LiveheadServer:
     # WebRTC signaling
     # ---------------------------------------------------------------------------------------
     async def _offer(self, request: web.Request) -> web.Response:
-        body = await self._read_body(request, self.scfg.max_sdp_bytes + 4096, "offer",
-                                     "server.max_sdp_bytes")
+        body = await self._read_body(
+            request, self.scfg.max_sdp_bytes + 4096, "offer", "server.max_sdp_bytes"
+        )
         try:
             params = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise ServerError(400, "body must be JSON {\"sdp\": ..., \"type\": \"offer\"}") from None
+            raise ServerError(400, OFFER_SHAPE) from None
         if not isinstance(params, dict) or not isinstance(params.get("sdp"), str):
-            raise ServerError(400, "body must be JSON {\"sdp\": ..., \"type\": \"offer\"}")
+            raise ServerError(400, OFFER_SHAPE)
         if params.get("type") != "offer":
             raise ServerError(400, f"type must be 'offer', got {params.get('type')!r}")
         role = params.get("role", "presenter")
@@ -465,16 +494,21 @@ class LiveheadServer:
     async def _sdp_resource(self, request: web.Request, role: str, kind: str) -> web.Response:
         if request.content_type != "application/sdp":
             raise ServerError(415, f"{kind.upper()} needs Content-Type: application/sdp")
-        body = await self._read_body(request, self.scfg.max_sdp_bytes, "SDP offer",
-                                     "server.max_sdp_bytes")
+        body = await self._read_body(
+            request, self.scfg.max_sdp_bytes, "SDP offer", "server.max_sdp_bytes"
+        )
         try:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
             raise ServerError(400, "SDP offer is not UTF-8 text") from None
         room = self._room_name(request.query.get("room"))
         sdp, member = await self._negotiate(offer, role, room, kind)
-        return web.Response(status=201, text=sdp, content_type="application/sdp",
-                            headers={"Location": f"/{kind}/{member.id}", "ETag": member.id})
+        return web.Response(
+            status=201,
+            text=sdp,
+            content_type="application/sdp",
+            headers={"Location": f"/{kind}/{member.id}", "ETag": member.id},
+        )
 
     async def _whip_delete(self, request: web.Request) -> web.Response:
         self._check_token(request)
@@ -491,13 +525,18 @@ class LiveheadServer:
         return web.Response(status=200)
 
     async def _no_trickle(self, request: web.Request) -> web.Response:
-        raise ServerError(405, "trickle ICE is not supported: gather all candidates before "
-                               "sending the offer", {"Allow": "POST, DELETE"})
+        raise ServerError(
+            405,
+            "trickle ICE is not supported: gather all candidates before sending the offer",
+            {"Allow": "POST, DELETE"},
+        )
 
     def _parse_offer(self, sdp: str, role: str) -> SessionDescription:
         if len(sdp.encode()) > self.scfg.max_sdp_bytes:
-            raise ServerError(413, f"SDP offer is larger than {self.scfg.max_sdp_bytes} bytes "
-                                   "(server.max_sdp_bytes)")
+            raise ServerError(
+                413,
+                f"SDP offer is larger than {self.scfg.max_sdp_bytes} bytes (server.max_sdp_bytes)",
+            )
         if not sdp.lstrip().startswith("v=0"):
             raise ServerError(400, "malformed SDP offer: it must start with 'v=0'")
         try:
@@ -511,8 +550,9 @@ class LiveheadServer:
             raise ServerError(400, "a viewer's offer must contain an audio or video m-line")
         return parsed
 
-    async def _negotiate(self, sdp: str, role: str, room_name: str, kind: str
-                         ) -> tuple[str, Member]:
+    async def _negotiate(
+        self, sdp: str, role: str, room_name: str, kind: str
+    ) -> tuple[str, Member]:
         parsed = self._parse_offer(sdp, role)
         room, member = await self._join(role, room_name, kind)
         ice = [RTCIceServer(urls=u) for u in self.scfg.ice_servers]
@@ -529,35 +569,40 @@ class LiveheadServer:
         log.info("answered %s", kv(member=member.id, role=role, kind=kind, room=room_name))
         return answer, member
 
-    async def _answer(self, pc: RTCPeerConnection, parsed: SessionDescription, sdp: str,
-                      role: str, kind: str, room: Room, member: Member) -> str:
-        ingest_only = kind == "whip"
-        sub = None if ingest_only else RtpSubscriber(
-            room, video="video" in {m.kind for m in parsed.media})
+    async def _answer(
+        self,
+        pc: RTCPeerConnection,
+        parsed: SessionDescription,
+        sdp: str,
+        role: str,
+        kind: str,
+        room: Room,
+        member: Member,
+    ) -> str:
+        kinds = {m.kind for m in parsed.media}
+        # WHIP is ingest only: nothing goes back to the publisher.
+        sub = None if kind == "whip" else RtpSubscriber(room, video="video" in kinds)
         ours = []
         # Transceivers exist before setRemoteDescription so aiortc matches the offer's m-lines
         # to them and negotiates only what we encode: Opus audio and VP8 video.
         for mline_kind in ("audio", "video"):
-            if mline_kind not in {m.kind for m in parsed.media}:
+            if mline_kind not in kinds:
                 continue
-            if mline_kind == "audio":
-                if ingest_only:
-                    t = pc.addTransceiver("audio", direction="recvonly")
-                elif role == "presenter":
-                    t = pc.addTransceiver(sub.audio, direction="sendrecv")
-                else:
-                    t = pc.addTransceiver(sub.audio, direction="sendonly")
-                codecs = [c for c in RTCRtpSender.getCapabilities("audio").codecs
-                          if c.mimeType.lower() == "audio/opus"]
+            track = None if sub is None else (sub.audio if mline_kind == "audio" else sub.video)
+            if track is None:
+                # Ingest: receive the speech, refuse a camera.
+                direction = "recvonly" if mline_kind == "audio" else "inactive"
+                t = pc.addTransceiver(mline_kind, direction=direction)
             else:
-                if ingest_only:
-                    t = pc.addTransceiver("video", direction="inactive")
-                else:
-                    t = pc.addTransceiver(sub.video, direction="sendonly")
+                presenter_audio = mline_kind == "audio" and role == "presenter"
+                t = pc.addTransceiver(
+                    track, direction="sendrecv" if presenter_audio else "sendonly"
+                )
+                if mline_kind == "video":
                     self._hook_pli(t.sender, room)
-                codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
-                          if c.mimeType.lower() in ("video/vp8", "video/rtx")]
-            t.setCodecPreferences(codecs)
+            wanted = ("audio/opus",) if mline_kind == "audio" else ("video/vp8", "video/rtx")
+            caps = RTCRtpSender.getCapabilities(mline_kind).codecs
+            t.setCodecPreferences([c for c in caps if c.mimeType.lower() in wanted])
             ours.append(t)
 
         @pc.on("track")
@@ -584,8 +629,9 @@ class LiveheadServer:
         except Exception as e:
             msg = str(e)
             if "codec" in msg.lower() or "send parameters" in msg.lower():
-                raise ServerError(400, "the offer must support Opus audio and VP8 video "
-                                       f"({msg})") from None
+                raise ServerError(
+                    400, f"the offer must support Opus audio and VP8 video ({msg})"
+                ) from None
             raise
         for t in pc.getTransceivers():
             if t not in ours:
@@ -615,12 +661,14 @@ class LiveheadServer:
         try:
             while True:
                 frame = await track.recv()
-                room.push_input(frame, member.id)
+                if isinstance(frame, av.AudioFrame):
+                    room.push_input(frame, member.id)
         except MediaStreamError:
             pass
 
-    async def _channel_message(self, member: Member, room: Room, channel: Any,
-                               message: Any) -> None:
+    async def _channel_message(
+        self, member: Member, room: Room, channel: Any, message: Any
+    ) -> None:
         try:
             if member.role != "presenter":
                 raise ServerError(403, "viewers cannot send controls")
@@ -639,8 +687,9 @@ class LiveheadServer:
     # ---------------------------------------------------------------------------------------
     # Controls and avatars
     # ---------------------------------------------------------------------------------------
-    async def _handle_control(self, room: Room, msg: Any, rate: int = SAMPLE_RATE
-                              ) -> dict[str, Any]:
+    async def _handle_control(
+        self, room: Room, msg: Any, rate: int = SAMPLE_RATE
+    ) -> dict[str, Any]:
         """One control message -> its reply. ``rate``: the unit of played_samples."""
         if not isinstance(msg, dict):
             raise ServerError(400, "control message must be a JSON object with a 'type'")
@@ -648,12 +697,19 @@ class LiveheadServer:
         if kind == "controls":
             controls = parse_controls(msg)
             await room.set_controls(controls)
-            return {"type": "controls", "pose_deg": controls.pose_deg and list(controls.pose_deg),
-                    "location": controls.location, "scale": controls.scale}
+            return {
+                "type": "controls",
+                "pose_deg": controls.pose_deg and list(controls.pose_deg),
+                "location": controls.location,
+                "scale": controls.scale,
+            }
         if kind == "interrupt":
             played = await room.interrupt()
-            return {"type": "interrupted", "played_samples": played * rate // SAMPLE_RATE,
-                    "played_ms": played * 1000 // SAMPLE_RATE}
+            return {
+                "type": "interrupted",
+                "played_samples": played * rate // SAMPLE_RATE,
+                "played_ms": played * 1000 // SAMPLE_RATE,
+            }
         if kind == "avatar":
             if isinstance(msg.get("id"), str):
                 avatar = self.avatars.get(msg["id"])
@@ -672,13 +728,15 @@ class LiveheadServer:
                 raise ServerError(400, "avatar message needs 'id' (from POST /avatar) or 'image'")
             await room.set_avatar(avatar.rgb)
             return {"type": "avatar", "id": avatar.id}
-        raise ServerError(400, f"unknown control type {kind!r}: expected 'controls', "
-                               "'interrupt' or 'avatar'")
+        raise ServerError(
+            400, f"unknown control type {kind!r}: expected 'controls', 'interrupt' or 'avatar'"
+        )
 
     async def _decode(self, raw: bytes) -> Any:
         try:
-            avatar = await asyncio.to_thread(decode_avatar, raw, self.scfg.max_upload_bytes,
-                                             self.scfg.max_image_pixels)
+            avatar = await asyncio.to_thread(
+                decode_avatar, raw, self.scfg.max_upload_bytes, self.scfg.max_image_pixels
+            )
         except ImageRejected as e:
             raise ServerError(e.status, str(e)) from None
         self.avatars.put(avatar)
@@ -686,14 +744,16 @@ class LiveheadServer:
 
     async def _control(self, request: web.Request) -> web.Response:
         self._check_token(request)
-        body = await self._read_body(request, self.scfg.max_upload_bytes * 2, "control message",
-                                     "server.max_upload_bytes")
+        body = await self._read_body(
+            request, self.scfg.max_upload_bytes * 2, "control message", "server.max_upload_bytes"
+        )
         try:
             msg = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise ServerError(400, "control message must be JSON") from None
-        name = self._room_name(request.query.get("room") or (
-            msg.get("room") if isinstance(msg, dict) else None))
+        name = self._room_name(
+            request.query.get("room") or (msg.get("room") if isinstance(msg, dict) else None)
+        )
         room = self.rooms.get(name)
         if room is None:
             raise ServerError(404, f"room '{name}' does not exist")
@@ -703,22 +763,27 @@ class LiveheadServer:
             raise ServerError(409, str(e)) from None
 
     async def _avatar(self, request: web.Request) -> web.Response:
-        """Upload a portrait: raw image body or multipart (first file field). Optional
-        ``?room=NAME`` applies it to that room at once; the id works with {"type":"avatar"}."""
+        """Upload a portrait: raw image body or multipart (first file field). ``?room=NAME``
+        applies it to that live room; without it, it becomes the avatar of rooms opened later.
+        Either way the id works with {"type": "avatar", "id": ...}."""
         self._check_token(request)
         limit = self.scfg.max_upload_bytes
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
             raw = None
             async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue  # a nested multipart: not an image
                 if part.filename is None and part.name not in ("image", "avatar", "file"):
                     continue
                 data = bytearray()
                 while chunk := await part.read_chunk(65536):
                     data += chunk
                     if len(data) > limit:
-                        raise ServerError(413, f"avatar upload is larger than {limit} bytes "
-                                               "(server.max_upload_bytes)")
+                        raise ServerError(
+                            413,
+                            f"avatar upload is larger than {limit} bytes (server.max_upload_bytes)",
+                        )
                 raw = bytes(data)
                 break
             if raw is None:
@@ -734,8 +799,12 @@ class LiveheadServer:
                 raise ServerError(404, f"room '{name}' does not exist")
             await room.set_avatar(avatar.rgb)
             applied = name
+        else:
+            self.default_avatar = avatar.rgb  # rooms opened from now on start with it
         h, w = avatar.rgb.shape[:2]
-        return web.json_response({"id": avatar.id, "width": w, "height": h, "room": applied})
+        return web.json_response(
+            {"id": avatar.id, "width": w, "height": h, "room": applied, "default": not applied}
+        )
 
     # ---------------------------------------------------------------------------------------
     # WebSocket API (PROTOCOL.md)
@@ -768,32 +837,34 @@ class LiveheadServer:
                 await self._drop_member(member, "websocket closed")
         return ws
 
-    async def _ws_start(self, ws: web.WebSocketResponse, header_ok: bool
-                        ) -> tuple[int, str, int, str] | None:
+    async def _ws_start(
+        self, ws: web.WebSocketResponse, header_ok: bool
+    ) -> tuple[int, str, int, str] | None:
         async def fail(message: str) -> None:
             await ws.send_json({"type": "error", "message": message})
             await ws.close(code=1008)
 
         try:
             msg = await ws.receive(timeout=WS_START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await fail("expected a start message within 10 s")
             return None
         if msg.type != WSMsgType.TEXT:
             if msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                await fail("the first message must be JSON text {\"type\": \"start\", ...}")
+                await fail('the first message must be JSON text {"type": "start", ...}')
             return None
         try:
             start = json.loads(msg.data)
         except ValueError:
             start = None
         if not isinstance(start, dict) or start.get("type") != "start":
-            await fail("the first message must be {\"type\": \"start\", \"sample_rate\": ...}")
+            await fail('the first message must be {"type": "start", "sample_rate": ...}')
             return None
         if not header_ok:
             given = start.get("token")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(),
-                                                                     self.token.encode()):
+            if not isinstance(given, str) or not hmac.compare_digest(
+                given.encode(), (self.token or "").encode()
+            ):
                 await fail("missing or wrong token (Authorization header or 'token' in start)")
                 return None
         rate = start.get("sample_rate", SAMPLE_RATE)
@@ -815,16 +886,31 @@ class LiveheadServer:
             return None
         return rate, fmt, channels, room
 
-    async def _ws_session(self, ws: web.WebSocketResponse, room: Room, member: Member,
-                          rate: int, fmt: str, channels: int) -> None:
+    async def _ws_session(
+        self,
+        ws: web.WebSocketResponse,
+        room: Room,
+        member: Member,
+        rate: int,
+        fmt: str,
+        channels: int,
+    ) -> None:
         sub = WsSubscriber(self.settings.ws_queue_frames)
         room.add_ws(sub)
         width, height = room.size if room.size != (0, 0) else (0, 0)
-        await ws.send_json({
-            "type": "started", "protocol": 1, "room": room.name, "sample_rate": SAMPLE_RATE,
-            "samples_per_frame": 640, "fps": 25, "width": width, "height": height,
-            "delay_ms": room.delay_samples * 1000 / SAMPLE_RATE,
-        })
+        await ws.send_json(
+            {
+                "type": "started",
+                "protocol": 1,
+                "room": room.name,
+                "sample_rate": SAMPLE_RATE,
+                "samples_per_frame": 640,
+                "fps": 25,
+                "width": width,
+                "height": height,
+                "delay_ms": room.delay_samples * 1000 / SAMPLE_RATE,
+            }
+        )
         counts = {"received": 0, "dropped": 0}
 
         def client_units(samples16: int) -> int:
@@ -833,9 +919,18 @@ class LiveheadServer:
         async def writer() -> None:
             while (sent := await sub.queue.get()) is not None:
                 f = sent.frame
-                await ws.send_bytes(pack_frame(
-                    sent.out_pts, client_units(sent.played_samples), SAMPLE_RATE, f.pcm,
-                    f.width, f.height, f.jpeg, f.speech))
+                await ws.send_bytes(
+                    pack_frame(
+                        sent.out_pts,
+                        client_units(sent.played_samples),
+                        SAMPLE_RATE,
+                        f.pcm,
+                        f.width,
+                        f.height,
+                        f.jpeg,
+                        f.speech,
+                    )
+                )
 
         async def flush() -> None:
             played = await room.request_flush()
@@ -848,27 +943,38 @@ class LiveheadServer:
                 if msg.type == WSMsgType.BINARY:
                     data = msg.data
                     if len(data) % (sample_bytes * channels):
-                        await ws.send_json({"type": "error", "message":
-                                            f"PCM chunk of {len(data)} bytes is not a whole number"
-                                            f" of {channels}-channel {fmt} samples"})
+                        await ws.send_json(
+                            {
+                                "type": "error",
+                                "message": f"PCM chunk of {len(data)} bytes is not a whole number"
+                                f" of {channels}-channel {fmt} samples",
+                            }
+                        )
                         continue
                     arr = np.frombuffer(data, np.int16 if fmt == "s16le" else "<f4")
                     if fmt == "f32le" and not np.all(np.isfinite(arr)):
-                        await ws.send_json({"type": "error",
-                                            "message": "f32le audio contains NaN or inf"})
+                        await ws.send_json(
+                            {"type": "error", "message": "f32le audio contains NaN or inf"}
+                        )
                         continue
                     if not len(arr):
                         continue
                     frame = av.AudioFrame.from_ndarray(
-                        arr.reshape(1, -1), format="s16" if fmt == "s16le" else "flt",
-                        layout="mono" if channels == 1 else "stereo")
+                        arr.reshape(1, -1),
+                        format="s16" if fmt == "s16le" else "flt",
+                        layout="mono" if channels == 1 else "stereo",
+                    )
                     frame.sample_rate = rate
                     if room.push_input(frame, member.id):
                         counts["received"] += len(arr) // channels
                     else:
-                        await ws.send_json({"type": "error", "message":
-                                            "input buffer full (server.max_input_buffer_s): push "
-                                            "at about real-time pace; this chunk was dropped"})
+                        await ws.send_json(
+                            {
+                                "type": "error",
+                                "message": "input buffer full (server.max_input_buffer_s): push "
+                                "at about real-time pace; this chunk was dropped",
+                            }
+                        )
                 elif msg.type == WSMsgType.TEXT:
                     await self._ws_text(ws, room, msg.data, counts, client_units, flush, member)
                 elif msg.type == WSMsgType.ERROR:
@@ -877,9 +983,16 @@ class LiveheadServer:
             room.remove_ws(sub)
             writer_task.cancel()
 
-    async def _ws_text(self, ws: web.WebSocketResponse, room: Room, text: str,
-                       counts: dict[str, int], client_units: Callable[[int], int],
-                       flush: Callable[[], Awaitable[None]], member: Member) -> None:
+    async def _ws_text(
+        self,
+        ws: web.WebSocketResponse,
+        room: Room,
+        text: str,
+        counts: dict[str, int],
+        client_units: Callable[[int], int],
+        flush: Callable[[], Awaitable[None]],
+        member: Member,
+    ) -> None:
         try:
             msg = json.loads(text)
         except ValueError:
@@ -891,16 +1004,25 @@ class LiveheadServer:
                 played = client_units(await room.interrupt())
                 dropped = max(0, counts["received"] - played - counts["dropped"])
                 counts["dropped"] += dropped
-                await ws.send_json({"type": "cleared" if kind == "clear" else "interrupted",
-                                    "played_samples": played, "dropped_samples": dropped})
+                await ws.send_json(
+                    {
+                        "type": "cleared" if kind == "clear" else "interrupted",
+                        "played_samples": played,
+                        "dropped_samples": dropped,
+                    }
+                )
             elif kind == "end":
                 self._spawn(flush(), member)
             elif kind in ("controls", "avatar"):
                 await ws.send_json(await self._handle_control(room, msg))
             else:
-                await ws.send_json({"type": "error", "message":
-                                    f"unknown message type {kind!r}: expected clear, end, "
-                                    "controls or avatar"})
+                await ws.send_json(
+                    {
+                        "type": "error",
+                        "message": f"unknown message type {kind!r}: expected clear, end, "
+                        "controls or avatar",
+                    }
+                )
         except (ServerError, UserError) as e:
             await ws.send_json({"type": "error", "message": getattr(e, "message", str(e))})
 
@@ -908,18 +1030,22 @@ class LiveheadServer:
     # Metrics and health
     # ---------------------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "status": "ok",
-            "sessions": len(self.rooms),
-            "capacity": self.capacity,
-            "peers": sum(1 for m in self.members.values() if m.pc is not None),
-            "websockets": sum(1 for m in self.members.values() if m.ws is not None),
-            "uptime_s": round(time.monotonic() - self.started, 1),
-        })
+        return web.json_response(
+            {
+                "status": "ok",
+                "sessions": len(self.rooms),
+                "capacity": self.capacity,
+                "peers": sum(1 for m in self.members.values() if m.pc is not None),
+                "websockets": sum(1 for m in self.members.values() if m.ws is not None),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+            }
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics_text().encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=self.metrics_text().encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     def metrics_text(self) -> str:
         """Prometheus text exposition format 0.0.4."""
@@ -929,63 +1055,136 @@ class LiveheadServer:
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
-                lines.append(f"{name}{labels} {value:.6g}" if isinstance(value, float)
-                             else f"{name}{labels} {value}")
+                lines.append(
+                    f"{name}{labels} {value:.6g}"
+                    if isinstance(value, float)
+                    else f"{name}{labels} {value}"
+                )
 
         def room_label(room: str, **extra: str) -> str:
             parts = [f'room="{room}"'] + [f'{k}="{v}"' for k, v in extra.items()]
             return "{" + ",".join(parts) + "}"
 
-        metric("livehead_sessions", "gauge", "Live engine sessions (rooms).",
-               [("", len(self.rooms))])
-        metric("livehead_session_capacity", "gauge", "Most sessions at once (admission).",
-               [("", self.capacity)])
-        metric("livehead_sessions_refused_total", "counter",
-               "Requests refused by admission control (503).", [("", self.refused)])
+        metric(
+            "livehead_sessions", "gauge", "Live engine sessions (rooms).", [("", len(self.rooms))]
+        )
+        metric(
+            "livehead_session_capacity",
+            "gauge",
+            "Most sessions at once (admission).",
+            [("", self.capacity)],
+        )
+        metric(
+            "livehead_sessions_refused_total",
+            "counter",
+            "Requests refused by admission control (503).",
+            [("", self.refused)],
+        )
         peers: dict[tuple[str, str], int] = {}
         for m in self.members.values():
             peers[(m.role, m.kind)] = peers.get((m.role, m.kind), 0) + 1
-        metric("livehead_members", "gauge", "Connected presenters and viewers.",
-               [(f'{{role="{r}",transport="{k}"}}', n) for (r, k), n in sorted(peers.items())])
+        metric(
+            "livehead_members",
+            "gauge",
+            "Connected presenters and viewers.",
+            [(f'{{role="{r}",transport="{k}"}}', n) for (r, k), n in sorted(peers.items())],
+        )
         rooms = sorted(self.rooms.items())
         per_room: list[tuple[str, str, str, Callable[[Room], float]]] = [
-            ("livehead_fps", "gauge", "Frames sent per second (last ~2 s).",
-             lambda r: r.stats.fps()),
-            ("livehead_frames_sent_total", "counter", "Frames released to subscribers.",
-             lambda r: r.stats.frames_sent),
-            ("livehead_video_dropped_total", "counter",
-             "Video frames dropped before encoding because they were late (audio kept).",
-             lambda r: r.stats.video_dropped),
-            ("livehead_frames_flushed_total", "counter", "Frames discarded by interrupts.",
-             lambda r: r.stats.frames_flushed),
-            ("livehead_stalls_total", "counter", "Times output waited for a late frame.",
-             lambda r: r.stats.stalls),
-            ("livehead_stall_seconds_total", "counter", "Time output waited for late frames.",
-             lambda r: r.stats.stall_seconds),
-            ("livehead_queue_frames", "gauge", "Encoded frames waiting for their slot.",
-             lambda r: r.queue_depth),
-            ("livehead_input_queued_seconds", "gauge",
-             "Presenter audio queued before the engine.", lambda r: r.input_queued_ms / 1000),
-            ("livehead_input_dropped_samples_total", "counter",
-             "Presenter samples refused because the input buffer was full.",
-             lambda r: r.stats.input_dropped_samples),
-            ("livehead_delay_seconds", "gauge",
-             "Nominal delay: engine latency + playout buffer.",
-             lambda r: r.delay_samples / SAMPLE_RATE),
-            ("livehead_first_frame_seconds", "gauge", "Session start to first frame sent.",
-             lambda r: r.stats.first_frame_s or 0.0),
-            ("livehead_rtp_subscribers", "gauge", "WebRTC peers receiving the room.",
-             lambda r: r.subscribers[0]),
-            ("livehead_ws_subscribers", "gauge", "WebSocket clients receiving the room.",
-             lambda r: r.subscribers[1]),
+            (
+                "livehead_fps",
+                "gauge",
+                "Frames sent per second (last ~2 s).",
+                lambda r: r.stats.fps(),
+            ),
+            (
+                "livehead_frames_sent_total",
+                "counter",
+                "Frames released to subscribers.",
+                lambda r: r.stats.frames_sent,
+            ),
+            (
+                "livehead_video_dropped_total",
+                "counter",
+                "Video frames dropped before encoding because they were late (audio kept).",
+                lambda r: r.stats.video_dropped,
+            ),
+            (
+                "livehead_frames_flushed_total",
+                "counter",
+                "Frames discarded by interrupts.",
+                lambda r: r.stats.frames_flushed,
+            ),
+            (
+                "livehead_stalls_total",
+                "counter",
+                "Times output waited for a late frame.",
+                lambda r: r.stats.stalls,
+            ),
+            (
+                "livehead_stall_seconds_total",
+                "counter",
+                "Time output waited for late frames.",
+                lambda r: r.stats.stall_seconds,
+            ),
+            (
+                "livehead_queue_frames",
+                "gauge",
+                "Encoded frames waiting for their slot.",
+                lambda r: r.queue_depth,
+            ),
+            (
+                "livehead_input_queued_seconds",
+                "gauge",
+                "Presenter audio queued before the engine.",
+                lambda r: r.input_queued_ms / 1000,
+            ),
+            (
+                "livehead_input_dropped_samples_total",
+                "counter",
+                "Presenter samples refused because the input buffer was full.",
+                lambda r: r.stats.input_dropped_samples,
+            ),
+            (
+                "livehead_delay_seconds",
+                "gauge",
+                "Nominal delay: engine latency + playout buffer.",
+                lambda r: r.delay_samples / SAMPLE_RATE,
+            ),
+            (
+                "livehead_first_frame_seconds",
+                "gauge",
+                "Session start to first frame sent.",
+                lambda r: r.stats.first_frame_s or 0.0,
+            ),
+            (
+                "livehead_rtp_subscribers",
+                "gauge",
+                "WebRTC peers receiving the room.",
+                lambda r: r.subscribers[0],
+            ),
+            (
+                "livehead_ws_subscribers",
+                "gauge",
+                "WebSocket clients receiving the room.",
+                lambda r: r.subscribers[1],
+            ),
         ]
         for name, kind, help_, get in per_room:
             metric(name, kind, help_, [(room_label(n), get(r)) for n, r in rooms])
         for name, help_, attr, scale in (
-            ("livehead_latency_seconds",
-             "Input arrival at the server to frame sent, last 500 frames.", "latency_s", 1.0),
-            ("livehead_compute_seconds", "Engine compute per frame, last 500 frames.",
-             "compute_ms", 1e-3),
+            (
+                "livehead_latency_seconds",
+                "Input arrival at the server to frame sent, last 500 frames.",
+                "latency_s",
+                1.0,
+            ),
+            (
+                "livehead_compute_seconds",
+                "session.pull() wall time per frame (on the worker), last 500 frames.",
+                "compute_ms",
+                1e-3,
+            ),
         ):
             samples: list[tuple[str, float]] = []
             for n, r in rooms:
@@ -998,4 +1197,19 @@ class LiveheadServer:
                 values = np.array(getattr(r.stats, attr), dtype=np.float64) * scale
                 lines.append(f"{name}_sum{room_label(n)} {float(values.sum()):.6g}")
                 lines.append(f"{name}_count{room_label(n)} {len(values)}")
+        # The engine's own per-stage timings (OutputFrame.meta["<stage>_ms"]).
+        stage_samples: list[tuple[str, float]] = []
+        for n, r in rooms:
+            for stage, ms in sorted(r.stats.stages_ms.items()):
+                values = np.array(ms, dtype=np.float64) / 1000
+                for q in (0.5, 0.95, 0.99):
+                    stage_samples.append(
+                        (room_label(n, stage=stage, quantile=str(q)), float(np.quantile(values, q)))
+                    )
+        metric(
+            "livehead_stage_seconds",
+            "summary",
+            "Engine-reported time per frame and stage (OutputFrame.meta), last 500 frames.",
+            stage_samples,
+        )
         return "\n".join(lines) + "\n"

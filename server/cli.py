@@ -1,8 +1,8 @@
 """``livehead serve``: the streaming server.
 
-    livehead serve --config tiny --standin                 # stand-in session, 127.0.0.1:8080
-    livehead serve --host 0.0.0.0 --token "$T" --avatar me.jpg
-    livehead serve --set server.max_sessions=2 --set server.playout_frames=2
+livehead serve --config tiny --standin                 # stand-in session, 127.0.0.1:8080
+livehead serve --host 0.0.0.0 --token "$T" --avatar me.jpg
+livehead serve --set server.max_sessions=2 --set server.playout_frames=2
 """
 
 from __future__ import annotations
@@ -23,17 +23,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "back; voice agents push PCM over /ws. See server/PROTOCOL.md.",
     )
     p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
-    p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. server.max_sessions=2 (repeatable)")
-    p.add_argument("--avatar", help="portrait image (default: weights/avatar.png if it exists, "
-                   "else a drawn placeholder face)")
+    p.add_argument(
+        "--set",
+        dest="override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. server.max_sessions=2 (repeatable)",
+    )
+    p.add_argument(
+        "--avatar",
+        help="portrait image (default: weights/avatar.png if it exists, "
+        "else a drawn placeholder face)",
+    )
     p.add_argument("--host", help="address to bind (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: server.port, 8080)")
-    p.add_argument("--token", help="bearer token for publishing, controls and uploads "
-                   "(default: $LIVEHEAD_TOKEN); required when binding beyond loopback")
-    p.add_argument("--standin", action="store_true",
-                   help="use the stand-in session (no model: the avatar with an audio-driven "
-                   "mouth); the default until the engine provides a session factory")
+    p.add_argument(
+        "--token",
+        help="bearer token for publishing, controls and uploads "
+        "(default: $LIVEHEAD_TOKEN); required when binding beyond loopback",
+    )
+    p.add_argument(
+        "--standin",
+        action="store_true",
+        help="use the stand-in session (no model: the avatar with an audio-driven "
+        "mouth); the default until the engine provides a session factory",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -58,8 +73,11 @@ def session_factory(cfg, standin: bool) -> Callable:  # noqa: ANN001
         try:
             from engine.stream import make_session_factory  # type: ignore[import-not-found]
         except ImportError:
-            print("livehead: the engine's streaming session is not available yet; serving the "
-                  "stand-in (pass --standin to choose it explicitly)", flush=True)
+            print(
+                "livehead: the engine's streaming session is not available yet; serving the "
+                "stand-in (pass --standin to choose it explicitly)",
+                flush=True,
+            )
         else:
             return make_session_factory(cfg)
     return standin_factory(cfg.server.standin_size)
@@ -89,16 +107,27 @@ def run(args: argparse.Namespace) -> int:
         avatar = load_avatar_file(DEFAULT_AVATAR)
     else:
         avatar = placeholder_face(512)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     server = LiveheadServer(cfg, session_factory(cfg, args.standin), avatar, token=token)
-    print(f"livehead: serving on http://{host}:{port}/ (capacity {server.capacity}, "
-          f"{'token required' if token else 'no token'})", flush=True)
+    print(
+        f"livehead: serving on http://{host}:{port}/ (capacity {server.capacity}, "
+        f"{'token required' if token else 'no token'})",
+        flush=True,
+    )
     try:
-        web.run_app(server.make_app(), host=host, port=port, access_log=None, print=None,
-                    shutdown_timeout=5.0)
+        web.run_app(
+            server.make_app(),
+            host=host,
+            port=port,
+            access_log=None,
+            print=None,
+            shutdown_timeout=5.0,
+        )
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return 0

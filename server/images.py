@@ -43,7 +43,9 @@ def decode_avatar(data: bytes, max_bytes: int, max_pixels: int) -> Avatar:
     if len(data) > max_bytes:
         raise ImageRejected(
             f"avatar upload is {len(data)} bytes; the limit is {max_bytes} "
-            "(server.max_upload_bytes)", 413)
+            "(server.max_upload_bytes)",
+            413,
+        )
     if not data:
         raise ImageRejected("avatar upload is empty", 415)
     try:
@@ -53,24 +55,28 @@ def decode_avatar(data: bytes, max_bytes: int, max_pixels: int) -> Avatar:
     if img.format not in ALLOWED_FORMATS:
         raise ImageRejected(
             f"avatar format {img.format} is not accepted (use one of: "
-            f"{', '.join(sorted(ALLOWED_FORMATS))})", 415)
+            f"{', '.join(sorted(ALLOWED_FORMATS))})",
+            415,
+        )
     w, h = img.size
     # Checked before decoding so a small file declaring a huge image (a "bomb") costs nothing.
     if w * h > max_pixels:
         raise ImageRejected(
             f"avatar is {w}x{h} = {w * h} pixels; the limit is {max_pixels} "
-            "(server.max_image_pixels)", 413)
+            "(server.max_image_pixels)",
+            413,
+        )
     if min(w, h) < 32:
         raise ImageRejected(f"avatar is {w}x{h}; it must be at least 32 px on each side", 422)
     try:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(flat, img)
-        img = img.convert("RGB")
-        img.thumbnail((MAX_PREPARED_SIDE, MAX_PREPARED_SIDE), Image.LANCZOS)
-        rgb = np.asarray(img, dtype=np.uint8).copy()
+        out: Image.Image = ImageOps.exif_transpose(img)
+        if out.mode in ("RGBA", "LA", "P"):
+            out = out.convert("RGBA")
+            flat = Image.new("RGBA", out.size, (255, 255, 255, 255))
+            out = Image.alpha_composite(flat, out)
+        out = out.convert("RGB")
+        out.thumbnail((MAX_PREPARED_SIDE, MAX_PREPARED_SIDE), Image.Resampling.LANCZOS)
+        rgb = np.asarray(out, dtype=np.uint8).copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageRejected(f"avatar image could not be decoded ({e})", 422) from None
     return Avatar(hashlib.sha256(data).hexdigest()[:16], rgb)

@@ -111,7 +111,7 @@ class Vp8Encoder:
         codec.pix_fmt = "yuv420p"
         codec.bit_rate = self.bitrate
         codec.time_base = fractions.Fraction(1, 25)
-        codec.framerate = 25
+        codec.framerate = fractions.Fraction(25, 1)
         codec.gop_size = self.keyframe_interval
         codec.qmin, codec.qmax = 2, 56
         codec.options = {
@@ -153,7 +153,9 @@ class OpusEncoder:
         for i in range(0, len(pcm16), OPUS_FRAME_SAMPLES):
             frame = av.AudioFrame.from_ndarray(
                 np.ascontiguousarray(pcm16[None, i : i + OPUS_FRAME_SAMPLES]),
-                format="s16", layout="mono")
+                format="s16",
+                layout="mono",
+            )
             frame.sample_rate = SAMPLE_RATE
             frame.pts = self._samples
             self._samples += OPUS_FRAME_SAMPLES

@@ -23,6 +23,7 @@ interrupt the timeline jumps, the transport's pts do not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import queue
@@ -115,7 +116,8 @@ class ReadyFrame:
     video: av.Packet | None  # VP8, None when dropped or no WebRTC subscriber
     audio: list[av.Packet]  # two 20 ms Opus packets (empty without WebRTC subscribers)
     jpeg: bytes | None  # None when dropped or no WebSocket subscriber
-    compute_ms: float
+    compute_ms: float  # session.pull() wall time per frame, measured here
+    stages_ms: dict[str, float]  # the engine's own per-stage timings (meta keys "*_ms")
     t_ready: float
 
 
@@ -141,8 +143,11 @@ class RtpSubscriber:
     a new viewer's tracks start at the same pts."""
 
     def __init__(self, room: Room, video: bool = True, audio: bool = True) -> None:
-        self.video = PacketTrack("video", room.settings.track_queue, room.request_keyframe) \
-            if video else None
+        self.video = (
+            PacketTrack("video", room.settings.track_queue, room.request_keyframe)
+            if video
+            else None
+        )
         self.audio = PacketTrack("audio", room.settings.track_queue) if audio else None
         self._audio_on = self.video is None
 
@@ -198,6 +203,7 @@ class RoomStats:
     first_frame_s: float | None = None
     latency_s: deque = field(default_factory=lambda: deque(maxlen=500))
     compute_ms: deque = field(default_factory=lambda: deque(maxlen=500))
+    stages_ms: dict[str, deque] = field(default_factory=dict)
     send_times: deque = field(default_factory=lambda: deque(maxlen=51))
 
     def fps(self) -> float:
@@ -264,8 +270,7 @@ class Room:
         self._ws: set[WsSubscriber] = set()
         self._flush_waiters: list[tuple[int, Callable[[int], None]]] = []
         self._pacer: asyncio.Task | None = None
-        self._thread = threading.Thread(target=self._run, name=f"livehead-room-{name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"livehead-room-{name}", daemon=True)
         self.closed = False
         self.failed: BaseException | None = None
         self.size = (0, 0)
@@ -296,6 +301,8 @@ class Room:
         fut: asyncio.Future = self._loop.create_future()
         self._commands.put((fn, fut))
         self._wake.set()
+        if not self._thread.is_alive():
+            self._fail_commands()  # the worker is gone (failed): nobody else will answer
         return await fut
 
     async def interrupt(self) -> int:
@@ -370,19 +377,19 @@ class Room:
         self._wake.set()
         if self._pacer is not None:
             self._pacer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._pacer
-            except asyncio.CancelledError:
-                pass
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10)
         for sub in list(self._rtp):
             self.remove_rtp(sub)
         for ws in list(self._ws):
             self.remove_ws(ws)
-        for _, cb in self._flush_waiters:
+        # Whoever waits for a flush learns that nothing more will be played.
+        for cb in [cb for _, cb in self._flush_waiters] + self._flush_callbacks:
             cb(self._played_speech)
         self._flush_waiters.clear()
+        self._flush_callbacks.clear()
 
     # ---------------------------------------------------------------------------------------
     # Worker thread
@@ -413,10 +420,9 @@ class Room:
                 log.exception("session close failed %s", kv(room=self.name))
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
+        # RuntimeError: the loop is closed (process shutdown), nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the loop is closed (process shutdown): nobody is waiting any more
 
     def _run_commands(self) -> None:
         while True:
@@ -451,8 +457,7 @@ class Room:
             with self._lock:
                 self._queued_input_samples -= n16
             if source != self._resampler_source or self._resampler is None:
-                self._resampler = av.AudioResampler(format="flt", layout="mono",
-                                                    rate=SAMPLE_RATE)
+                self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
                 self._resampler_source = source
             frame.pts = None  # the resampler must not "fix" gaps between chunks with silence
             for out in self._resampler.resample(frame):
@@ -528,8 +533,23 @@ class Room:
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="JPEG", quality=self.settings.jpeg_quality)
             jpeg = buf.getvalue()
-        item = ReadyFrame(f.pts_samples, w, h, pcm16.tobytes(), bool(f.speech), video, audio,
-                          jpeg, float(f.meta.get("compute_ms", compute_ms)), time.monotonic())
+        item = ReadyFrame(
+            f.pts_samples,
+            w,
+            h,
+            pcm16.tobytes(),
+            bool(f.speech),
+            video,
+            audio,
+            jpeg,
+            compute_ms,
+            {
+                k[:-3]: float(v)
+                for k, v in f.meta.items()
+                if k.endswith("_ms") and isinstance(v, int | float) and not isinstance(v, bool)
+            },
+            time.monotonic(),
+        )
         with self._lock:
             self._ready_depth += 1
         if drop_video:
@@ -616,6 +636,8 @@ class Room:
             st.frames_sent += 1
             st.send_times.append(t_send)
             st.compute_ms.append(item.compute_ms)
+            for stage, ms in item.stages_ms.items():
+                st.stages_ms.setdefault(stage, deque(maxlen=500)).append(ms)
             if t_arrival is not None:
                 st.latency_s.append(t_send - t_arrival)
             if st.first_frame_s is None:
@@ -628,8 +650,9 @@ class Room:
                     cb(played)
             # The frame's second 20 ms of audio goes out 20 ms later: smooth pacing.
             for k, packet in enumerate(item.audio[1:], start=1):
-                await asyncio.sleep(max(0.0, t_send + k * OPUS_FRAME_SAMPLES / SAMPLE_RATE
-                                        - time.monotonic()))
+                await asyncio.sleep(
+                    max(0.0, t_send + k * OPUS_FRAME_SAMPLES / SAMPLE_RATE - time.monotonic())
+                )
                 for sub in list(self._rtp):
                     sub.deliver_audio([packet])
 

@@ -63,15 +63,22 @@ def placeholder_face(size: int = 512) -> np.ndarray:
         d.ellipse(box(ex, 0.49, 0.050, 0.028), fill=(250, 250, 250))  # eye whites
         d.ellipse(box(ex, 0.49, 0.022, 0.024), fill=(60, 90, 60))  # iris
         d.ellipse(box(ex, 0.49, 0.010, 0.011), fill=(10, 10, 10))  # pupil
-        d.line([box(ex, 0.425, 0.05, 0)[:2], box(ex, 0.425, 0.05, 0)[2:]], fill=(50, 35, 25),
-               width=max(1, s // 90))  # brows
-    d.polygon([(0.5 * s, 0.52 * s), (0.47 * s, 0.63 * s), (0.53 * s, 0.63 * s)],
-              fill=(214, 160, 130))  # nose
+        d.line(
+            [box(ex, 0.425, 0.05, 0)[:2], box(ex, 0.425, 0.05, 0)[2:]],
+            fill=(50, 35, 25),
+            width=max(1, s // 90),
+        )  # brows
+    d.polygon(
+        [(0.5 * s, 0.52 * s), (0.47 * s, 0.63 * s), (0.53 * s, 0.63 * s)], fill=(214, 160, 130)
+    )  # nose
     mx, my = MOUTH_CENTER_XY
-    d.line([(int((mx - 0.08) * s), int(my * s)), (int((mx + 0.08) * s), int(my * s))],
-           fill=(150, 70, 70), width=max(1, s // 110))  # closed mouth
+    d.line(
+        [(int((mx - 0.08) * s), int(my * s)), (int((mx + 0.08) * s), int(my * s))],
+        fill=(150, 70, 70),
+        width=max(1, s // 110),
+    )  # closed mouth
     img = img.filter(ImageFilter.GaussianBlur(radius=s / 512))
-    return np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.uint8).copy()
+    return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8).copy()
 
 
 def _as_mono_float(samples: np.ndarray) -> np.ndarray:
@@ -199,8 +206,11 @@ class StandInSession:
             raise UserError("session is closed")
 
     def _prepare_avatar(self, image: np.ndarray) -> np.ndarray:
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or (
-            image.shape[2] != 3
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or image.ndim != 3
+            or (image.shape[2] != 3)
         ):
             shape = getattr(image, "shape", None)
             raise UserError(f"avatar must be an (H, W, 3) uint8 RGB array, got {shape}")
@@ -209,7 +219,9 @@ class StandInSession:
         w, h = img.size
         side = min(w, h)
         img = img.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-        return np.asarray(img.resize((self.size, self.size), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(
+            img.resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8
+        )
 
     def _base_image(self) -> np.ndarray:
         """The avatar with the current controls applied (recomputed only when they change)."""
@@ -220,14 +232,23 @@ class StandInSession:
             # Zoom about the centre: crop (scale > 1) or pad (scale < 1), then back to size.
             side = self.size / c.scale
             off = (self.size - side) / 2
-            img = img.transform(img.size, Image.EXTENT, (off, off, off + side, off + side),
-                                Image.BILINEAR, fillcolor=(0, 0, 0))
+            img = img.transform(
+                img.size,
+                Image.Transform.EXTENT,
+                (off, off, off + side, off + side),
+                Image.Resampling.BILINEAR,
+                fillcolor=(0, 0, 0),
+            )
         if c.pose_deg is not None:
             yaw, _pitch, roll = c.pose_deg
             # Roll rotates; yaw shifts a little (a stand-in for turning the head).
-            img = img.rotate(roll, Image.BILINEAR, fillcolor=(0, 0, 0))
-            img = img.transform(img.size, Image.AFFINE,
-                                (1, 0, -yaw / 90 * self.size / 8, 0, 1, 0), Image.BILINEAR)
+            img = img.rotate(roll, Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+            img = img.transform(
+                img.size,
+                Image.Transform.AFFINE,
+                (1, 0, -yaw / 90 * self.size / 8, 0, 1, 0),
+                Image.Resampling.BILINEAR,
+            )
         base = np.asarray(img, dtype=np.uint8)
         if c.location is not None:
             base = np.roll(base, int(round(c.location * self.size / 4)), axis=1)
@@ -238,8 +259,10 @@ class StandInSession:
         """(size, size, 3) uint8: the base image with a mouth ellipse opened by ``rms``."""
         image = self._base_image().copy()
         loud = min(1.0, rms / LOUD_RMS)
-        ry = (MOUTH_MIN_HALF_HEIGHT + (MOUTH_MAX_HALF_HEIGHT - MOUTH_MIN_HALF_HEIGHT)
-              * math.sqrt(loud)) * self.size
+        ry = (
+            MOUTH_MIN_HALF_HEIGHT
+            + (MOUTH_MAX_HALF_HEIGHT - MOUTH_MIN_HALF_HEIGHT) * math.sqrt(loud)
+        ) * self.size
         rx = MOUTH_HALF_WIDTH * self.size
         cx, cy = MOUTH_CENTER_XY[0] * self.size, MOUTH_CENTER_XY[1] * self.size
         if self._controls.location is not None:

@@ -26,7 +26,18 @@ def pack_frame(
 ) -> bytes:
     """One binary message: header, then n_samples x int16 LE mono PCM, then the JPEG (if any)."""
     flags = (FLAG_SPEECH if speech else 0) | (FLAG_VIDEO if jpeg else 0)
-    header = HEADER.pack(MAGIC, VERSION, flags, HEADER.size, pts_samples, played_samples,
-                         sample_rate, len(pcm_s16le) // 2, width, height, 0,
-                         len(jpeg) if jpeg else 0)
+    header = HEADER.pack(
+        MAGIC,
+        VERSION,
+        flags,
+        HEADER.size,
+        pts_samples,
+        played_samples,
+        sample_rate,
+        len(pcm_s16le) // 2,
+        width,
+        height,
+        0,
+        len(jpeg) if jpeg else 0,
+    )
     return b"".join((header, pcm_s16le, jpeg or b""))

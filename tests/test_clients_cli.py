@@ -27,8 +27,7 @@ def test_push_records_synchronized_mp4(speech: Path, tmp_path: Path) -> None:
 
     async def scenario() -> dict:
         async with running_server() as (_, base):
-            return await push_file(base.replace("http", "ws") + "/ws", speech, out,
-                                   clear_at_s=1.5)
+            return await push_file(base.replace("http", "ws") + "/ws", speech, out, clear_at_s=1.5)
 
     summary = asyncio.run(scenario())
     assert summary["cleared"]["type"] == "cleared"
@@ -49,8 +48,9 @@ def test_push_records_synchronized_mp4(speech: Path, tmp_path: Path) -> None:
 def test_bench_websocket_reports_latency(speech: Path, tmp_path: Path) -> None:
     async def scenario() -> dict:
         async with running_server() as (_, base):
-            return await bench(base.replace("http", "ws") + "/ws", speech,
-                               plot=tmp_path / "lat.png")
+            return await bench(
+                base.replace("http", "ws") + "/ws", speech, plot=tmp_path / "lat.png"
+            )
 
     r = asyncio.run(scenario())
     assert r["transport"] == "websocket" and 23 < r["fps"] < 27
@@ -79,9 +79,16 @@ def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
 
     async def scenario() -> dict:
         async with running_server() as (_, base):
-            args = argparse.Namespace(file=str(speech), seconds=2.0, device=None, record=str(out),
-                                      url=base, room=None, token=None,
-                                      ice_address=["127.0.0.1"])
+            args = argparse.Namespace(
+                file=str(speech),
+                seconds=2.0,
+                device=None,
+                record=str(out),
+                url=base,
+                room=None,
+                token=None,
+                ice_address=["127.0.0.1"],
+            )
             return await mic(args)
 
     summary = asyncio.run(scenario())

@@ -17,11 +17,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_frame_round_trip() -> None:
     pcm = (np.arange(640) - 320).astype(np.int16)
-    msg = server_wire.pack_frame(1280, 777, 16000, pcm.astype("<i2").tobytes(), 256, 128,
-                                 b"\xff\xd8jpeg", speech=True)
+    msg = server_wire.pack_frame(
+        1280, 777, 16000, pcm.astype("<i2").tobytes(), 256, 128, b"\xff\xd8jpeg", speech=True
+    )
     f = parse_frame(msg)
     assert (f.pts_samples, f.played_samples, f.sample_rate, f.width, f.height) == (
-        1280, 777, 16000, 256, 128)
+        1280,
+        777,
+        16000,
+        256,
+        128,
+    )
     assert f.speech and f.jpeg == b"\xff\xd8jpeg"
     np.testing.assert_array_equal(f.pcm, pcm)
     assert HEADER.size == server_wire.HEADER.size == 40
@@ -30,12 +36,15 @@ def test_frame_round_trip() -> None:
     assert f.jpeg is None and not f.speech and len(f.pcm) == 640
 
 
-@pytest.mark.parametrize("mutate, words", [
-    (lambda m: m[:30], "shorter"),
-    (lambda m: b"XXXX" + m[4:], "magic"),
-    (lambda m: m[:4] + b"\x02" + m[5:], "version"),
-    (lambda m: m + b"extra", "header says"),
-])
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda m: m[:30], "shorter"),
+        (lambda m: b"XXXX" + m[4:], "magic"),
+        (lambda m: m[:4] + b"\x02" + m[5:], "version"),
+        (lambda m: m + b"extra", "header says"),
+    ],
+)
 def test_bad_frames_are_rejected(mutate, words: str) -> None:  # noqa: ANN001
     msg = server_wire.pack_frame(0, 0, 16000, bytes(1280), 64, 64, b"jpg", False)
     with pytest.raises(WireError, match=words):

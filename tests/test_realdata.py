@@ -24,6 +24,7 @@ from training.realdata.detect import FaceObservation, interpolate_boxes
 from training.realdata.manifest import Manifest
 from training.realdata.options import PrepareOptions
 from training.realdata.prepare import (
+    crop_clip_frames,
     fixed_crop,
     prepare_videos,
     segment_track,
@@ -240,8 +241,10 @@ def test_real_clips_reader_on_synthetic_dataset(tmp_path: Path) -> None:
         np.testing.assert_array_equal(p.source, clip[p.source_frame])
         np.testing.assert_array_equal(p.target, clip[p.target_frame])
         assert p.identity != p.other_identity
-        assert data.identities[p.identity] == data.record(p.clip)["identity"]
-        assert data.identities[p.other_identity] == data.record(p.other_clip)["identity"]
+        assert p.identity == data.record(p.clip)["identity"]
+        assert p.other_identity == data.record(p.other_clip)["identity"]
+        src, tgt, other, ident, other_ident, *_ = p  # the tuple form stage1_data.py uses
+        assert ident in data.identity_index and other_ident in data.identity_index
 
 
 def test_real_clips_errors(tmp_path: Path) -> None:
@@ -335,5 +338,17 @@ def test_real_sample_pair(real_out: Path) -> None:
         p = data.sample_pair(rng)
         assert p.source.shape == p.target.shape == p.other.shape == (256, 256, 3)
         assert p.other_identity != p.identity
-        assert data.record(p.clip)["identity"] == data.identities[p.identity]
-        assert data.record(p.other_clip)["identity"] != data.record(p.clip)["identity"]
+        assert data.record(p.clip)["identity"] == p.identity
+        assert data.record(p.other_clip)["identity"] == p.other_identity
+
+
+def test_crop_clip_frames_for_evaluation(tmp_path: Path) -> None:
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    write_ellipse_video(tmp_path / "ellipse.mp4")
+    assert crop_clip_frames(tmp_path / "empty.mp4") is None
+    assert crop_clip_frames(tmp_path / "ellipse.mp4", min_face=32) is None  # no face
+    src = REAL_VIDEO / REAL_FILES[2]
+    if not src.is_file():
+        pytest.skip("real corpus not available (../shared/data/real/video)")
+    clip = crop_clip_frames(src, size=128, max_frames=20)
+    assert clip is not None and clip.shape == (20, 128, 128, 3) and clip.dtype == np.uint8

@@ -15,8 +15,9 @@ from tests.test_server_support import http, png_bytes, running_server
 FAKE_SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 
 
-async def ws_presenter(session: aiohttp.ClientSession, base: str, room: str,
-                       headers: dict | None = None) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+async def ws_presenter(
+    session: aiohttp.ClientSession, base: str, room: str, headers: dict | None = None
+) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
     ws = await session.ws_connect(base.replace("http", "ws") + "/ws", headers=headers)
     await ws.send_json({"type": "start", "sample_rate": 16000, "room": room})
     return ws, await ws.receive_json()
@@ -34,21 +35,40 @@ def test_malformed_and_huge_offers_are_refused() -> None:
                 (dict(json={"sdp": FAKE_SDP, "type": "offer", "room": "a/b"}), 400, "room"),
                 (dict(json={"sdp": FAKE_SDP, "type": "offer"}), 400, "negotiate"),
                 (dict(json={"sdp": "v=0\r\n" + "a=x\r\n" * 20000, "type": "offer"}), 413, "limit"),
-                (dict(json={"sdp": "v=0\r\ns=-\r\n", "type": "offer", "role": "viewer",
-                            "room": "nobody"}), 400, "m-line"),
+                (
+                    dict(
+                        json={
+                            "sdp": "v=0\r\ns=-\r\n",
+                            "type": "offer",
+                            "role": "viewer",
+                            "room": "nobody",
+                        }
+                    ),
+                    400,
+                    "m-line",
+                ),
             ]
             for kwargs, status, words in cases:
                 code, body, _ = await http("POST", base + "/offer", **kwargs)
                 assert code == status, (kwargs, body)
                 assert words in body["error"], body
-            code, body, _ = await http("POST", base + "/whip", data=FAKE_SDP,
-                                       headers={"Content-Type": "text/plain"})
+            code, body, _ = await http(
+                "POST", base + "/whip", data=FAKE_SDP, headers={"Content-Type": "text/plain"}
+            )
             assert code == 415 and "application/sdp" in body["error"]
-            code, body, _ = await http("POST", base + "/whep", data=b"v=0\r\n" * 20000,
-                                       headers={"Content-Type": "application/sdp"})
+            code, body, _ = await http(
+                "POST",
+                base + "/whep",
+                data=b"v=0\r\n" * 20000,
+                headers={"Content-Type": "application/sdp"},
+            )
             assert code == 413
-            code, body, _ = await http("PATCH", base + "/whep/x", data=b"",
-                                       headers={"Content-Type": "application/trickle-ice-sdpfrag"})
+            code, body, _ = await http(
+                "PATCH",
+                base + "/whep/x",
+                data=b"",
+                headers={"Content-Type": "application/trickle-ice-sdpfrag"},
+            )
             assert code == 405 and "trickle" in body["error"]
             code, body, _ = await http("DELETE", base + "/whep/nope")
             assert code == 404
@@ -61,8 +81,11 @@ def test_malformed_and_huge_offers_are_refused() -> None:
 def test_viewer_needs_a_room_and_a_room_one_presenter() -> None:
     async def scenario() -> None:
         async with running_server(capacity=2) as (_, base), aiohttp.ClientSession() as s:
-            code, body, _ = await http("POST", base + "/offer", json={
-                "sdp": FAKE_SDP, "type": "offer", "role": "viewer", "room": "empty"})
+            code, body, _ = await http(
+                "POST",
+                base + "/offer",
+                json={"sdp": FAKE_SDP, "type": "offer", "role": "viewer", "room": "empty"},
+            )
             assert code == 404 and "does not exist" in body["error"]
             ws, started = await ws_presenter(s, base, "one")
             assert started["type"] == "started"
@@ -79,8 +102,9 @@ def test_capacity_is_enforced_with_503() -> None:
         async with running_server(capacity=1) as (server, base), aiohttp.ClientSession() as s:
             ws, started = await ws_presenter(s, base, "first")
             assert started["type"] == "started"
-            code, body, headers = await http("POST", base + "/offer", json={
-                "sdp": FAKE_SDP, "type": "offer", "room": "second"})
+            code, body, headers = await http(
+                "POST", base + "/offer", json={"sdp": FAKE_SDP, "type": "offer", "room": "second"}
+            )
             assert code == 503 and "capacity" in body["error"] and "Retry-After" in headers
             ws2, refused = await ws_presenter(s, base, "third")
             assert refused["status"] == 503
@@ -104,8 +128,12 @@ def test_avatar_upload_validation() -> None:
         overrides = ["server.max_upload_bytes=200000", "server.max_image_pixels=1000000"]
         async with running_server(overrides) as (server, base), aiohttp.ClientSession() as s:
             post = base + "/avatar"
-            code, body, _ = await http("POST", post, data=b"GIF89a? definitely not an image",
-                                       headers={"Content-Type": "image/gif"})
+            code, body, _ = await http(
+                "POST",
+                post,
+                data=b"GIF89a? definitely not an image",
+                headers={"Content-Type": "image/gif"},
+            )
             assert code == 415 and "not a readable image" in body["error"]
             code, body, _ = await http("POST", post, data=b"\x00" * 300000)
             assert code == 413 and "max_upload_bytes" in body["error"]
@@ -116,18 +144,24 @@ def test_avatar_upload_validation() -> None:
             code, body, _ = await http("POST", post, data=png_bytes(8, 8))
             assert code == 422
             form = aiohttp.FormData()
-            form.add_field("image", io.BytesIO(png_bytes(300, 200)), filename="me.png",
-                           content_type="image/png")
+            form.add_field(
+                "image",
+                io.BytesIO(png_bytes(300, 200)),
+                filename="me.png",
+                content_type="image/png",
+            )
             code, body, _ = await http("POST", post, data=form)
             assert code == 200 and (body["width"], body["height"]) == (300, 200)
             avatar_id = body["id"]
             # Applying it: to a live room by id, over HTTP control.
             ws, _ = await ws_presenter(s, base, "default")
-            code, reply, _ = await http("POST", base + "/control?room=default",
-                                        json={"type": "avatar", "id": avatar_id})
+            code, reply, _ = await http(
+                "POST", base + "/control?room=default", json={"type": "avatar", "id": avatar_id}
+            )
             assert code == 200 and reply == {"type": "avatar", "id": avatar_id}
-            code, reply, _ = await http("POST", base + "/control",
-                                        json={"type": "avatar", "id": "f00"})
+            code, reply, _ = await http(
+                "POST", base + "/control", json={"type": "avatar", "id": "f00"}
+            )
             assert code == 404
             code, reply, _ = await http("POST", post + "?room=default", data=png_bytes(64, 64))
             assert code == 200 and reply["room"] == "default"
@@ -179,8 +213,9 @@ def test_bind_beyond_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> 
 def test_health_metrics_and_no_cors_by_default() -> None:
     async def scenario() -> None:
         async with running_server() as (_, base), aiohttp.ClientSession() as s:
-            code, health, headers = await http("GET", base + "/health",
-                                               headers={"Origin": "https://evil.example"})
+            code, health, headers = await http(
+                "GET", base + "/health", headers={"Origin": "https://evil.example"}
+            )
             assert code == 200 and health["status"] == "ok" and health["sessions"] == 0
             assert not any(k.lower().startswith("access-control") for k in headers)
             ws, _ = await ws_presenter(s, base, "m")
@@ -199,6 +234,7 @@ def test_health_metrics_and_no_cors_by_default() -> None:
             assert 0.05 < values['livehead_latency_seconds{room="m",quantile="0.5"}'] < 0.5
             assert values['livehead_video_dropped_total{room="m"}'] == 0
             assert "# TYPE livehead_latency_seconds summary" in metrics
+            assert 'livehead_stage_seconds{room="m",stage="compute",quantile="0.5"}' in metrics
             code, page, _ = await http("GET", base + "/")
             assert code == 200 and "livehead" in page
             code, js, _ = await http("GET", base + "/static/app.js")

@@ -65,12 +65,15 @@ def test_int16_stereo_and_other_rates_are_accepted() -> None:
     assert len(s.pull()) == 3
 
 
-@pytest.mark.parametrize("bad", [
-    np.array([0.0, np.nan], np.float32),
-    np.array([np.inf], np.float64),
-    np.zeros(10, np.int32),
-    np.zeros((2, 2, 2), np.float32),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([0.0, np.nan], np.float32),
+        np.array([np.inf], np.float64),
+        np.zeros(10, np.int32),
+        np.zeros((2, 2, 2), np.float32),
+    ],
+)
 def test_bad_audio_is_refused(bad: np.ndarray) -> None:
     with pytest.raises(UserError):
         make().push_audio(bad)

@@ -34,10 +34,21 @@ async def running_server(
     factory=None,  # noqa: ANN001
 ) -> AsyncIterator[tuple[LiveheadServer, str]]:
     """A LiveheadServer on 127.0.0.1:<free port>; yields (server, "http://127.0.0.1:PORT")."""
-    cfg = load_config("tiny", ['server.ice_addresses=["127.0.0.1"]',
-                               f"server.standin_size={TEST_SIZE}", *(overrides or [])])
-    server = LiveheadServer(cfg, factory or standin_factory(cfg.server.standin_size),
-                            placeholder_face(256), token=token, capacity=capacity)
+    cfg = load_config(
+        "tiny",
+        [
+            'server.ice_addresses=["127.0.0.1"]',
+            f"server.standin_size={TEST_SIZE}",
+            *(overrides or []),
+        ],
+    )
+    server = LiveheadServer(
+        cfg,
+        factory or standin_factory(cfg.server.standin_size),
+        placeholder_face(256),
+        token=token,
+        capacity=capacity,
+    )
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

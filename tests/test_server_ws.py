@@ -28,10 +28,20 @@ def test_round_trip_clear_and_flush() -> None:
     events: list[tuple[float, str, object]] = []
 
     async def scenario() -> None:
-        async with running_server() as (server, base), aiohttp.ClientSession() as s, \
-                s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
-            await ws.send_json({"type": "start", "sample_rate": RATE, "format": "s16le",
-                                "channels": 1, "room": "agent"})
+        async with (
+            running_server() as (server, base),
+            aiohttp.ClientSession() as s,
+            s.ws_connect(base.replace("http", "ws") + "/ws") as ws,
+        ):
+            await ws.send_json(
+                {
+                    "type": "start",
+                    "sample_rate": RATE,
+                    "format": "s16le",
+                    "channels": 1,
+                    "room": "agent",
+                }
+            )
             started = await ws.receive_json()
             assert started["type"] == "started" and started["sample_rate"] == 16000
             got = {k: asyncio.Event() for k in ("cleared", "flushed")}
@@ -131,5 +141,49 @@ def test_bad_messages_get_clear_errors() -> None:
                 msg = await ws.receive(timeout=5)  # frames still flowing
                 while msg.type != aiohttp.WSMsgType.BINARY:
                     msg = await ws.receive(timeout=5)
+
+    asyncio.run(scenario())
+
+
+def test_failing_session_is_reported_and_frees_capacity() -> None:
+    from engine.errors import UserError
+    from server.standin import StandInSession, placeholder_face
+
+    class Breaks(StandInSession):
+        """Fails on its 20th pull, like an engine that runs out of memory."""
+
+        pulls = 0
+
+        def pull(self):  # noqa: ANN202
+            self.pulls += 1
+            if self.pulls == 20:
+                raise RuntimeError("engine exploded")
+            return super().pull()
+
+    made = []
+
+    def factory(avatar):  # noqa: ANN001, ANN202
+        if made:
+            raise UserError("no weights for a second session")
+        made.append(1)
+        return Breaks(avatar, size=64)
+
+    async def scenario() -> None:
+        async with running_server(capacity=1, factory=factory) as (server, base), \
+                aiohttp.ClientSession() as s:
+            async with s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
+                await ws.send_json({"type": "start", "sample_rate": 16000})
+                assert (await ws.receive_json())["type"] == "started"
+                while True:
+                    msg = await ws.receive(timeout=5)
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        assert "engine exploded" in json.loads(msg.data)["message"]
+                        break
+                assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+            assert not server.rooms and not server.members  # capacity is free again
+            async with s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
+                await ws.send_json({"type": "start", "sample_rate": 16000})
+                reply = await ws.receive_json()
+                assert reply["status"] == 500 and "no weights" in reply["message"]
 
     asyncio.run(scenario())

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.config import Stage1Config, load_config
+from engine.config import ConfigError, Stage1Config, load_config
 from engine.models.stage1 import (
     CLUB,
     ArcMarginProduct,
@@ -112,8 +112,16 @@ def test_tiny_256_builds_and_feature_pyramid() -> None:
 
 def test_mismatched_widths_rejected() -> None:
     cfg = dataclasses.replace(tiny(64), dec_channels=[64, 64, 32, 16, 7])
-    with pytest.raises(ValueError, match="differ at"):
+    with pytest.raises(ConfigError, match="differ at"):
         Stage1Model(cfg)
+
+
+def test_odd_blur_kernel_builds() -> None:
+    cfg = dataclasses.replace(tiny(32), blur_kernel=[1, 2, 1])
+    m = Stage1Model(cfg)
+    with torch.no_grad():
+        out = m(images(2, 32), images(2, 32, 1))
+    assert out.recon.shape == (2, 3, 32, 32)
 
 
 # --------------------------------------------------------------------------------------------

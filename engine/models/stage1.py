@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import Stage1Config
+from engine.config import ConfigError, Stage1Config
 from engine.models.layers import (
     ConstantInput,
     ConvLayer,
@@ -86,7 +86,7 @@ def encoder_widths(cfg: Stage1Config) -> list[int]:
     """Encoder widths at resolutions [S, S/2, ..., 4] (layer 0, then each ResBlock's output)."""
     n = len(level_sizes(cfg.image_size))
     if len(cfg.enc_channels) < n:
-        raise ValueError(
+        raise ConfigError(
             f"stage1.enc_channels has {len(cfg.enc_channels)} widths; image_size "
             f"{cfg.image_size} needs {n} (one per resolution {cfg.image_size}..4)"
         )
@@ -97,7 +97,7 @@ def decoder_widths(cfg: Stage1Config) -> list[int]:
     """Renderer widths at resolutions [4, 8, ..., S]."""
     n = len(level_sizes(cfg.image_size))
     if len(cfg.dec_channels) < n:
-        raise ValueError(
+        raise ConfigError(
             f"stage1.dec_channels has {len(cfg.dec_channels)} widths; image_size "
             f"{cfg.image_size} needs {n} (one per resolution 4..{cfg.image_size})"
         )
@@ -105,22 +105,23 @@ def decoder_widths(cfg: Stage1Config) -> list[int]:
 
 
 def check_config(cfg: Stage1Config) -> None:
-    """Raise ValueError naming the field when a Stage1Config cannot build a model."""
+    """Raise ConfigError (a UserError) naming the field when a Stage1Config cannot build a
+    model."""
     s = cfg.image_size
     if s < 8 or s & (s - 1):
-        raise ValueError(f"stage1.image_size must be a power of two >= 8, got {s}")
-    if len(cfg.blur_kernel) % 2:
-        raise ValueError(f"stage1.blur_kernel needs an even number of taps, got {cfg.blur_kernel}")
+        raise ConfigError(f"stage1.image_size must be a power of two >= 8, got {s}")
+    if len(cfg.blur_kernel) < 2:
+        raise ConfigError(f"stage1.blur_kernel needs at least 2 taps, got {cfg.blur_kernel}")
     if not 1 <= cfg.motion_dim <= cfg.latent_dim:
-        raise ValueError(f"stage1.motion_dim must be in [1, latent_dim], got {cfg.motion_dim}")
+        raise ConfigError(f"stage1.motion_dim must be in [1, latent_dim], got {cfg.motion_dim}")
     if cfg.motion_linears < 1:
-        raise ValueError(f"stage1.motion_linears must be >= 1, got {cfg.motion_linears}")
+        raise ConfigError(f"stage1.motion_linears must be >= 1, got {cfg.motion_linears}")
     enc = encoder_widths(cfg)[::-1]  # 4..S
     dec = decoder_widths(cfg)
     sizes = level_sizes(s)
     for r, e, d in zip(sizes[1:], enc[1:], dec[1:]):
         if e != d:
-            raise ValueError(
+            raise ConfigError(
                 f"stage1: encoder width {e} and renderer width {d} differ at {r}x{r}; warped "
                 "encoder features are blended into the renderer features, so they must match"
             )
@@ -407,12 +408,13 @@ class Renderer(nn.Module):
             self.to_flows.append(ToFlow(b, L, bk))
             self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0))
         for r in self.sizes[1:]:
-            # constants, rebuilt on construction: not saved in checkpoints
-            self.register_buffer(f"grid_{r}", identity_grid(r), persistent=False)
+            # constants, rebuilt on construction: not saved in checkpoints. Stored 3-D so that
+            # model.to(memory_format=channels_last) leaves their layout alone.
+            self.register_buffer(f"grid_{r}", identity_grid(r)[0], persistent=False)
 
     def grids(self) -> list[Tensor]:
         """Identity grids (1, r, r, 2) for r = 8..S."""
-        return [self.get_buffer(f"grid_{r}") for r in self.sizes[1:]]
+        return [self.get_buffer(f"grid_{r}").unsqueeze(0) for r in self.sizes[1:]]
 
     def forward(self, latent: Tensor, feats: list[Tensor]) -> Tensor:
         """latent: (B, latent_dim); feats: pyramid 8²..S² from ImageEncoder, batch 1 (broadcast

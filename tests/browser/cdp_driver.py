@@ -29,8 +29,9 @@ async def drive(url: str, shot: str) -> dict:
     targets: list[dict] = []
     for _ in range(150):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{DEVTOOLS_PORT}/json/list",
-                                        timeout=1) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{DEVTOOLS_PORT}/json/list", timeout=1
+            ) as r:
                 targets = json.load(r)
             if any(t["type"] == "page" for t in targets):
                 break
@@ -58,19 +59,30 @@ async def drive(url: str, shot: str) -> dict:
         while time.monotonic() - t0 < 40:
             state = await evaluate("JSON.stringify(window.livehead || null)")
             state = json.loads(state) if state else None
-            if state and (state.get("stats", {}).get("framesDecoded") or 0) >= WANT_DECODED \
-                    and state.get("stats", {}).get("fps") is not None:
+            if (
+                state
+                and (state.get("stats", {}).get("framesDecoded") or 0) >= WANT_DECODED
+                and state.get("stats", {}).get("fps") is not None
+            ):
                 break
             if state and state.get("errors"):
                 break
             await asyncio.sleep(0.25)
-        rect = await evaluate("JSON.stringify(document.getElementById('video')"
-                              ".getBoundingClientRect())")
+        rect = await evaluate(
+            "JSON.stringify(document.getElementById('video').getBoundingClientRect())"
+        )
         rect = json.loads(rect)
-        video_size = await evaluate("[document.getElementById('video').videoWidth,"
-                                    "document.getElementById('video').videoHeight]")
-        clip = {"x": rect["x"], "y": rect["y"], "width": rect["width"],
-                "height": rect["height"], "scale": 1}
+        video_size = await evaluate(
+            "[document.getElementById('video').videoWidth,"
+            "document.getElementById('video').videoHeight]"
+        )
+        clip = {
+            "x": rect["x"],
+            "y": rect["y"],
+            "width": rect["width"],
+            "height": rect["height"],
+            "scale": 1,
+        }
         png = await call("Page.captureScreenshot", format="png", clip=clip)
         with open(shot, "wb") as f:
             f.write(base64.b64decode(png["data"]))
@@ -79,12 +91,25 @@ async def drive(url: str, shot: str) -> dict:
 
 def main() -> None:
     url, wav, shot, profile = sys.argv[1:5]
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream",
-           "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-           "--autoplay-policy=no-user-gesture-required", "--window-size=1000,800",
-           f"--remote-debugging-port={DEVTOOLS_PORT}", url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1000,800",
+        f"--remote-debugging-port={DEVTOOLS_PORT}",
+        url,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         result = asyncio.run(asyncio.wait_for(drive(url, shot), 90))

@@ -32,30 +32,61 @@ def _in_ns(ns: str, *cmd: str, **kw) -> subprocess.Popen:  # noqa: ANN003
 def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "mic.wav", bursts(4.0, 48000), 48000)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
-    server = _in_ns(netns, sys.executable, "-m", "livehead", "serve", "--standin",
-                    "--port", str(PORT), "--set", "server.standin_size=256",
-                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    server = _in_ns(
+        netns,
+        sys.executable,
+        "-m",
+        "livehead",
+        "serve",
+        "--standin",
+        "--port",
+        str(PORT),
+        "--set",
+        "server.standin_size=256",
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         # Wait for the server (its port lives in the namespace: probe from inside it).
         for _ in range(100):
             probe = subprocess.run(
-                ["ip", "netns", "exec", netns, sys.executable, "-c",
-                 f"import urllib.request; urllib.request.urlopen("
-                 f"'http://127.0.0.1:{PORT}/health', timeout=1)"],
-                capture_output=True, timeout=20)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    sys.executable,
+                    "-c",
+                    f"import urllib.request; urllib.request.urlopen("
+                    f"'http://127.0.0.1:{PORT}/health', timeout=1)",
+                ],
+                capture_output=True,
+                timeout=20,
+            )
             if probe.returncode == 0:
                 break
             assert server.poll() is None, (tmp_path / "server.log").read_text()
             time.sleep(0.2)
         shot = tmp_path / "video.png"
         url = f"http://127.0.0.1:{PORT}/?mode=presenter&autostart=1"
-        driver = _in_ns(netns, sys.executable, str(REPO / "tests/browser/cdp_driver.py"), url,
-                        str(wav), str(shot), str(tmp_path / "profile"), cwd=REPO,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        driver = _in_ns(
+            netns,
+            sys.executable,
+            str(REPO / "tests/browser/cdp_driver.py"),
+            url,
+            str(wav),
+            str(shot),
+            str(tmp_path / "profile"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = driver.communicate(timeout=150)
         line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
         assert line, f"driver failed: {err[-2000:]}"
-        result = json.loads(line[len("RESULT "):])
+        result = json.loads(line[len("RESULT ") :])
     finally:
         server.terminate()
         try:

@@ -17,8 +17,8 @@ cheaper than seeking in H.264.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,15 +27,15 @@ from training.realdata.manifest import Manifest
 from training.realdata.video import read_clip_audio, read_clip_frames
 
 
-@dataclass
-class RealPair:
-    """One stage-1 training sample from real video."""
+class RealPair(NamedTuple):
+    """One stage-1 training sample from real video (a tuple, so ``src, tgt, neg, a, b, *_ =
+    pair`` works too)."""
 
     source: np.ndarray  # uint8 (H, W, 3) RGB, frame ``source_frame`` of clip ``clip``
     target: np.ndarray  # uint8 (H, W, 3) RGB, frame ``target_frame`` of the same clip
     other: np.ndarray  # uint8 (H, W, 3) RGB, a frame of clip ``other_clip`` (another identity)
-    identity: int  # index into RealClips.identities
-    other_identity: int  # != identity
+    identity: str  # identity name of source/target (RealClips.identity_index maps it to int)
+    other_identity: str  # != identity
     clip: int
     other_clip: int
     source_frame: int
@@ -52,8 +52,10 @@ class RealClips:
                 f"{out_dir} has no clips (see its report.json for what was dropped and why)"
             )
         self.identities: list[str] = self.manifest.identities
-        index = {name: i for i, name in enumerate(self.identities)}
-        self.clip_identity = np.array([index[c["identity"]] for c in self.manifest.clips])
+        self.identity_index = {name: i for i, name in enumerate(self.identities)}
+        self.clip_identity = np.array(
+            [self.identity_index[c["identity"]] for c in self.manifest.clips]
+        )
         # Clips per identity, to sample identities uniformly whatever their clip count.
         self._by_identity = [
             np.flatnonzero(self.clip_identity == i) for i in range(len(self.identities))
@@ -118,8 +120,8 @@ class RealClips:
             source=frames[src],
             target=frames[tgt],
             other=other_frames[int(rng.integers(len(other_frames)))],
-            identity=ident,
-            other_identity=other_ident,
+            identity=self.identities[ident],
+            other_identity=self.identities[other_ident],
             clip=clip,
             other_clip=other_clip,
             source_frame=src,

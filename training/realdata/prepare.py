@@ -455,6 +455,49 @@ def _dumps(obj: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# One video, no filtering (evaluation)
+# --------------------------------------------------------------------------------------------
+def crop_clip_frames(
+    path: Path,
+    size: int = 256,
+    max_frames: int | None = None,
+    min_face: int = 64,
+    fps: int = 25,
+    crop_scale: float = 1.6,
+    detect_every: int = 5,
+) -> np.ndarray | None:
+    """The first ``max_frames`` frames (at ``fps``) of a raw video under one fixed AniTalker crop
+    (1.6x the median face box), as uint8 (T, size, size, 3) RGB; None when the file cannot be
+    read or a face is found on fewer than half of the detection frames.
+
+    For evaluating on a few real videos directly: no segmenting, selection or size, blur and
+    yaw filters (that is ``prepare_videos``). Two decodes (detect, then crop), so memory holds
+    only output-size frames."""
+    path = Path(path)
+    try:
+        info = probe(path)
+        tracker = FaceTracker(FaceDetector(min_face_px=min_face))
+        found: list[FaceObservation] = []
+        steps = 0
+        for j, frame in iter_frames(path, fps, max_frames):
+            if j % detect_every == 0:
+                steps += 1
+                obs = tracker.step(frame.to_ndarray(format="gray"))
+                if obs is not None:
+                    found.append(obs)
+        if not found or len(found) < 0.5 * steps:
+            return None
+        crop = fixed_crop(np.stack([o.box for o in found]), crop_scale, (info.width, info.height))
+        frames = [
+            _crop_frame(frame_to_rgb(frame), crop, size)
+            for _, frame in iter_frames(path, fps, max_frames)
+        ]
+    except BadInput:
+        return None
+    return np.stack(frames)
+
+
+# --------------------------------------------------------------------------------------------
 # The whole pipeline
 # --------------------------------------------------------------------------------------------
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -298,7 +298,8 @@ def clip_motion(
 
     # Speech activity, smoothed over ~0.5 s, drives how lively the head is.
     speaking = (mouth["band_db"] > OPEN_FLOOR_DB).astype(np.float64)
-    activity = np.convolve(speaking, np.ones(13) / 13, mode="same")
+    # (padded so clips shorter than the kernel keep their length: mode="same" would not)
+    activity = np.convolve(np.pad(speaking, 6, mode="edge"), np.ones(13) / 13, mode="valid")
     gain = 0.45 + 0.8 * activity
 
     # Per-clip resting pose, then slow walks around it.
