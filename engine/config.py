@@ -158,7 +158,7 @@ class TrainStage1Config:
     lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     steps: int = 100_000
-    image_size: int = 0  # 0: the model's image_size; smaller for a resolution curriculum
+    warmup_steps: int = 0  # linear learning-rate warm-up (generator side)
     w_l1: float = 1.0
     w_perceptual: float = 0.1
     w_adv: float = 1.0

@@ -236,6 +236,9 @@ class Stage1Trainer:
                 logs["aux_motion"] = float(aux.detach())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        if t.warmup_steps:
+            for group in self.opt_g.param_groups:
+                group["lr"] = t.lr * min(1.0, step / t.warmup_steps)
         self.opt_g.step()
         self.ema.update(self.model)
         self.disc.requires_grad_(True)
