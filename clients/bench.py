@@ -159,9 +159,20 @@ async def bench_webrtc(
         await conn.close()
     if not video or not audio:
         raise ClientError("no video or audio came back")
-    # Both tracks start on the same server pts, so each stream's first pts is one origin.
-    v0, a0 = video[0][1], audio[0][1]
+    vclock, aclock = conn.clocks["video"], conn.clocks["audio"]
+    synced = vclock.ready and aclock.ready
+    a0 = audio[0][1]
     a_pos = np.array([p - a0 for _, p, _ in audio])  # RTP Opus clock is 48 kHz
+
+    def audio_index(video_pts: int, plus_s: float = 0.0) -> int | None:
+        """Index into ``received`` of the audio with the media time of a video pts."""
+        if synced:  # RTCP sender reports: equal sender times are equal media times
+            t = vclock.sender_time(video_pts)
+            p = aclock.pts_at(t + plus_s) if t is not None else None
+            return None if p is None else int(round(p)) - a0
+        # Fallback: the server starts both tracks on one pts (exact unless packets were lost).
+        return int(round(((video_pts - video[0][1]) / 90000 + plus_s) * RTC_RATE))
+
     received = np.zeros(int(a_pos[-1]) + len(audio[-1][2]), np.float32)
     for (_, _, x), pos in zip(audio, a_pos):
         received[pos : pos + len(x)] = x
@@ -176,17 +187,22 @@ async def bench_webrtc(
         i = int(np.searchsorted(sent_idx, sample, "right")) - 1
         return float(sent_t[min(len(sent_t) - 1, i)])
 
-    latency, t_lat, av_offset = [], [], []
+    latency, t_lat, av_offset, transit = [], [], [], []
+    unix_minus_mono = time.time() - time.monotonic()
     for t, pts in video:
-        m = (pts - v0) / 90000  # media time of the frame start, seconds
-        end = int(round((m + FRAME_S) * RTC_RATE)) - 1  # last returned-audio sample it covers
-        ts = t_sent(end - lag)
+        start, end = audio_index(pts), audio_index(pts, FRAME_S)
+        if start is None or end is None:
+            continue
+        ts = t_sent(end - 1 - lag)  # the last sent sample this frame covers
         if ts is not None:
             latency.append((t - ts) * 1000)
             t_lat.append(t - t_begin)
-        k = int(np.searchsorted(a_pos, int(round(m * RTC_RATE)), "right") - 1)
+        k = int(np.searchsorted(a_pos, start, "right") - 1)
         if 0 <= k < len(audio):
             av_offset.append((t - a_arrival[k]) * 1000)
+        sent_at = vclock.sender_time(pts)
+        if sent_at is not None:
+            transit.append((t + unix_minus_mono - sent_at) * 1000)
     audio_latency = [
         (t - ts) * 1000
         for (t, _, x), pos in zip(audio, a_pos)
@@ -202,10 +218,12 @@ async def bench_webrtc(
         "latency_ms": percentiles(latency),
         "audio_latency_ms": percentiles(audio_latency),
         "av_offset_ms": percentiles(av_offset),
+        "transit_ms": percentiles(transit),
         "dropped_frames": gaps,
         "alignment": {
             "lag_ms": round(lag * 1000 / RTC_RATE, 1),
             "confidence": round(confidence, 3),
+            "av_method": "rtcp-sender-reports" if synced else "first-frame",
         },
         "_latency_series": (t_lat, latency),
     }

@@ -20,6 +20,7 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtp import RtcpSrPacket
 
 from clients.media import ClientError
 
@@ -39,6 +40,56 @@ async def recv_audio(track: MediaStreamTrack) -> tuple[int, np.ndarray]:
         raise ClientError(f"expected an audio frame, got {type(frame).__name__}")
     x = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
     return int(frame.pts), x.mean(axis=1).astype(np.int16)
+
+
+NTP_UNIX_OFFSET_S = 2208988800  # 1900-01-01 -> 1970-01-01
+
+
+class RemoteClock:
+    """Maps one remote stream's frame pts to the sender's wall clock (``time.time()`` seconds),
+    the way browsers do lip sync: RTCP sender reports pair an RTP timestamp with the sender's
+    NTP time. aiortc rebases received timestamps to the first frame it assembles, so the rebasing
+    origin is read from its receiver; when that is unavailable (another aiortc version),
+    ``sender_time`` returns None and callers fall back to first-frame anchoring.
+
+    The livehead server sends the audio and video of one pts at the same moment, so equal
+    sender times mean equal media times across the two streams."""
+
+    def __init__(self, receiver: Any, clock_rate: int) -> None:
+        self.rate = clock_rate
+        self._receiver = receiver
+        self._sr: tuple[int, float] | None = None  # (RTP timestamp, sender unix time)
+        original = receiver._handle_rtcp_packet
+
+        async def handle_rtcp(packet: Any) -> None:
+            if isinstance(packet, RtcpSrPacket):
+                info = packet.sender_info
+                self._sr = (info.rtp_timestamp, info.ntp_timestamp / 2**32 - NTP_UNIX_OFFSET_S)
+            await original(packet)
+
+        receiver._handle_rtcp_packet = handle_rtcp
+
+    def _origin(self) -> int | None:
+        mapper = getattr(self._receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+        return getattr(mapper, "_origin", None)
+
+    @property
+    def ready(self) -> bool:
+        return self._sr is not None and self._origin() is not None
+
+    def sender_time(self, pts: int) -> float | None:
+        """Sender wall-clock time (s) of the frame with aiortc pts ``pts``."""
+        origin = self._origin()
+        if self._sr is None or origin is None:
+            return None
+        rtp_sr, t_sr = self._sr
+        delta = (origin + pts - rtp_sr + 2**31) % 2**32 - 2**31  # RTP timestamps wrap
+        return t_sr + delta / self.rate
+
+    def pts_at(self, t: float) -> float | None:
+        """The (fractional) pts this stream had at sender time ``t``."""
+        t0 = self.sender_time(0)
+        return None if t0 is None else (t - t0) * self.rate
 
 
 def restrict_ice(addresses: list[str]) -> None:
@@ -98,6 +149,7 @@ class RtcConnection:
     member_id: str
     t_offer: float  # time.monotonic() when the offer was posted
     messages: asyncio.Queue = field(default_factory=asyncio.Queue)  # data channel JSON
+    clocks: dict[str, RemoteClock] = field(default_factory=dict)  # "audio", "video"
 
     async def send_control(self, msg: dict, timeout: float = 5.0) -> dict:
         """Send a control message on the data channel and wait for the (non-stats) reply."""
@@ -134,6 +186,10 @@ async def connect(
         else:
             pc.addTransceiver("audio", direction="recvonly")
         pc.addTransceiver("video", direction="recvonly")
+        clocks = {
+            t.kind: RemoteClock(t.receiver, 48000 if t.kind == "audio" else 90000)
+            for t in pc.getTransceivers()
+        }
         if opts.data_channel:
             channel = pc.createDataChannel("control")
 
@@ -167,4 +223,4 @@ async def connect(
     except BaseException:
         await pc.close()
         raise
-    return RtcConnection(pc, video, audio, channel, answer.get("id", ""), t_offer, messages)
+    return RtcConnection(pc, video, audio, channel, answer.get("id", ""), t_offer, messages, clocks)

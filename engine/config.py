@@ -108,6 +108,13 @@ class StreamConfig:
     threads: int = 0  # 0: let the backend decide
     video_queue_frames: int = 4
     watermark: bool = True
+    # Engine sessions (engine/stream.py)
+    render_dtype: str = "fp32"  # renderer precision: "fp32", or "bf16" autocast (flow stays fp32)
+    output_queue_frames: int = 50  # rendered frames kept for a consumer that does not pull;
+    # beyond it the oldest frames lose their image (they repeat the previous one), never audio
+    max_backlog_s: float = 120.0  # un-pulled output + pending input; a push beyond is refused
+    max_push_s: float = 60.0  # longest chunk one push_audio call may carry
+    speech_rms: float = 0.01  # frames at least this loud (RMS of [-1, 1] audio) are "speech"
 
 
 @dataclass
@@ -167,6 +174,10 @@ class TrainStage1Config:
     aam_margin: float = 0.2
     aam_scale: float = 30.0
     w_aux_motion: float = 0.0  # synthetic-world accelerator: supervise alpha with ground truth
+    # Encode an explicit negative frame (another identity) per item. Off: the other items of
+    # the batch (distinct identities) are the negatives, and the identity branch costs less.
+    negatives: bool = True
+    channels_last: bool = False  # NHWC activations (faster convolutions on some CPUs)
     vgg_path: str = ""  # local VGG-19 weights; empty: weight-free multi-scale structural loss
     disc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512, 512])
     adv_start_step: int = 0  # adversarial loss (and D updates) from this step on

@@ -241,13 +241,21 @@ def test_whip_ingest_drives_a_whep_viewer() -> None:
             pc.addTransceiver(PacedPcmTrack(bursts(4.0, 48000), 48000), direction="sendonly")
             await pc.setLocalDescription(await pc.createOffer())
             auth = {"Authorization": "Bearer tok"}
-            code, _, _ = await http("POST", base + "/whip?room=live",
-                                    data=pc.localDescription.sdp,
-                                    headers={"Content-Type": "application/sdp"})
+            code, _, _ = await http(
+                "POST",
+                base + "/whip?room=live",
+                data=pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            )
             assert code == 401
-            async with aiohttp.ClientSession() as s, s.post(
-                f"{base}/whip?room=live", data=pc.localDescription.sdp,
-                headers={"Content-Type": "application/sdp", **auth}) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    f"{base}/whip?room=live",
+                    data=pc.localDescription.sdp,
+                    headers={"Content-Type": "application/sdp", **auth},
+                ) as r,
+            ):
                 assert r.status == 201, await r.text()
                 location = r.headers["Location"]
                 await pc.setRemoteDescription(RTCSessionDescription(await r.text(), "answer"))

@@ -169,8 +169,10 @@ def test_failing_session_is_reported_and_frees_capacity() -> None:
         return Breaks(avatar, size=64)
 
     async def scenario() -> None:
-        async with running_server(capacity=1, factory=factory) as (server, base), \
-                aiohttp.ClientSession() as s:
+        async with (
+            running_server(capacity=1, factory=factory) as (server, base),
+            aiohttp.ClientSession() as s,
+        ):
             async with s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
                 await ws.send_json({"type": "start", "sample_rate": 16000})
                 assert (await ws.receive_json())["type"] == "started"

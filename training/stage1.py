@@ -58,16 +58,25 @@ class GeneratorStep(nn.Module):
         self.aux = aux
 
     def forward(self, b: Stage1Batch) -> dict[str, torch.Tensor]:
-        extra = torch.cat([b.augmented, b.negative], dim=0)
+        use_neg = b.negative is not None
+        extra = torch.cat([b.augmented, b.negative], dim=0) if use_neg else b.augmented
         out = self.model(b.source, b.target, extra)
         n = b.source.shape[0]
-        z_id = torch.cat([out.z_id_src, out.z_id_extra], dim=0)  # src, aug, neg
-        labels = torch.cat([b.label_source, b.label_source, b.label_negative])
+        assert out.z_id_extra is not None and out.z_m_extra is not None
+        # identity classes: source, target (same identity, other motion), augmented, negative
+        z_id = torch.cat([out.z_id_src, out.z_id_tgt, out.z_id_extra], dim=0)
+        labels = [b.label_source, b.label_source, b.label_source]
+        if use_neg:
+            labels.append(b.label_negative)
+        lab = torch.cat(labels)
+        # CLUB pairs: codes of the unaugmented images (augmentation is for the identity branch)
+        z_m = [out.z_m_src, out.z_m_tgt] + ([out.z_m_extra[n:]] if use_neg else [])
+        z_i = [out.z_id_src, out.z_id_tgt] + ([out.z_id_extra[n:]] if use_neg else [])
         res = {
             "recon": out.recon,
-            "z_id": torch.cat([out.z_id_src, out.z_id_tgt, out.z_id_extra[n:]], dim=0),
-            "z_m": torch.cat([out.z_m_src, out.z_m_tgt, out.z_m_extra[n:]], dim=0),
-            "metric": F.cross_entropy(self.aam(z_id, labels), labels),
+            "z_id": torch.cat(z_i, dim=0),
+            "z_m": torch.cat(z_m, dim=0),
+            "metric": F.cross_entropy(self.aam(z_id, lab), lab),
             "alpha_tgt": out.alpha_tgt,
         }
         if self.aux is not None:
@@ -99,6 +108,8 @@ class Stage1Trainer:
             self.data = RealPairs(Path(opts.data), size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Stage1Model(cfg.stage1).to(dev)
+        if t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.aam = ArcMarginProduct(
             cfg.stage1.latent_dim, self.data.num_classes, t.aam_margin, t.aam_scale
         ).to(dev)
@@ -199,9 +210,18 @@ class Stage1Trainer:
     # ---------------------------------------------------------------------------------------
     def _to(self, b: Stage1Batch) -> Stage1Batch:
         dev = self.dist.device
-        return Stage1Batch(
-            *(x.to(dev, non_blocking=True) if x is not None else None for x in vars(b).values())
-        )
+        fmt = torch.channels_last if self.t.channels_last else torch.contiguous_format
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            x = x.to(dev, non_blocking=True)
+            return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+        b = Stage1Batch(*(move(x) for x in vars(b).values()))
+        if not self.t.negatives:
+            b.negative = None
+        return b
 
     def _autocast(self):
         dev = self.dist.device.type

@@ -50,7 +50,7 @@ class Stage1Batch:
 
     source: torch.Tensor
     target: torch.Tensor
-    negative: torch.Tensor
+    negative: torch.Tensor | None
     augmented: torch.Tensor
     label_source: torch.Tensor
     label_negative: torch.Tensor

@@ -1,0 +1,208 @@
+"""How the engine calls the networks: one small tensors-in/tensors-out interface per stage, so
+the streaming engine and offline rendering never branch on the backend (STYLE.md).
+
+    Stage1Backend  encode(img) -> (h, feats); motion(h) -> alpha; render(h, feats, alpha)
+    Stage2Backend  (``engine.windowing``) encode(...) -> speech; denoise(...) -> eps
+
+``TorchStage1`` / ``TorchStage2`` implement them with PyTorch (CPU, or CUDA with
+``device="cuda"``); ONNX Runtime / TensorRT runners implement the same protocols. The sampler
+loop stays in ``engine.diffusion`` / ``engine.windowing``, in Python, once for every backend.
+
+Device convention: everything the windowing code builds (features, prefix, noise, α) lives on
+the CPU; a backend moves its inputs to its device and returns stage-2 outputs on the CPU. The
+avatar's cached h and feature pyramid stay on the backend's device (they come from ``encode``
+and only go back into ``render``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Protocol
+
+import torch
+
+from engine.diffusion import AlphaNormalizer
+from engine.errors import UserError
+from engine.models.stage1 import Stage1Model
+from engine.models.stage2 import Stage2Nets
+from engine.windowing import Stage2Backend
+
+BACKENDS = ("torch",)
+RENDER_DTYPES = ("fp32", "bf16")
+
+
+class Stage1Backend(Protocol):
+    """The stage-1 calls inference needs. Images are (B, 3, S, S) float32 in [-1, 1]."""
+
+    image_size: int  # S
+    motion_dim: int
+    latent_dim: int
+
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """img (1, 3, S, S) -> h (1, latent_dim), feature pyramid (8²..S², batch 1), both on
+        the backend's device (opaque to the caller; they only go back into ``render``)."""
+        ...
+
+    def motion(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, latent_dim) from ``encode`` -> raw α (B, motion_dim) on the CPU."""
+        ...
+
+    def render(
+        self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor
+    ) -> torch.Tensor:
+        """The portrait's h (1, latent) and pyramid, B raw α's (B, motion_dim), any device ->
+        frames (B, 3, S, S) in [-1, 1] (clamped), on the backend's device."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+# --------------------------------------------------------------------------------------------
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}' (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' asked for, but torch sees no CUDA GPU here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got '{device}'")
+    return dev
+
+
+class TorchStage1:
+    """``Stage1Backend`` over a ``Stage1Model`` (eval mode, LMD frozen).
+
+    render_dtype "bf16" runs the renderer under bf16 autocast (the model keeps flow, mask and
+    grid in fp32 inside); "fp32" is exact and the default."""
+
+    def __init__(self, model: Stage1Model, device: str = "cpu", render_dtype: str = "fp32"):
+        if render_dtype not in RENDER_DTYPES:
+            raise UserError(
+                f"stream.render_dtype must be one of {RENDER_DTYPES}, got '{render_dtype}'"
+            )
+        self.device = check_device(device)
+        if not model.lmd.frozen:
+            model.lmd.freeze()
+        self.model = model.to(self.device).eval()
+        cfg = model.cfg
+        self.image_size = cfg.image_size
+        self.motion_dim = cfg.motion_dim
+        self.latent_dim = cfg.latent_dim
+        self.render_dtype = render_dtype
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.render_dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.inference_mode():
+            h, feats = self.model.encode(img.to(self.device))
+        return h, feats
+
+    def motion(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.motion(h.to(self.device)).float().cpu()
+
+    def render(
+        self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            out = self.model.render(h, feats, alpha.to(self.device))
+        return out.float().clamp(-1.0, 1.0)
+
+
+class TorchStage2:
+    """``windowing.Stage2Backend`` over ``Stage2Nets``. Outputs come back on the CPU (where the
+    sampler loop runs); the normaliser is a CPU copy for the same reason."""
+
+    def __init__(self, nets: Stage2Nets, device: str = "cpu"):
+        self.device = check_device(device)
+        self.nets = nets.to(self.device).eval()
+        self.motion_dim = nets.motion_dim
+        self.latent_dim = nets.latent_dim
+        norm = AlphaNormalizer(nets.motion_dim)
+        norm.load_state_dict({k: v.cpu() for k, v in nets.normalizer.state_dict().items()})
+        self.normalizer = norm
+
+    def encode(
+        self, feats: torch.Tensor, control_values: torch.Tensor, control_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.device
+        with torch.no_grad():
+            speech, pred = self.nets.encode(feats.to(d), control_values.to(d), control_mask.to(d))
+        return speech.cpu(), pred.cpu()
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        speech: torch.Tensor,
+        ref_alpha: torch.Tensor,
+        ref_h: torch.Tensor,
+        known: torch.Tensor,
+        known_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        d = self.device
+        args = (x_t, t, speech, ref_alpha, ref_h, known, known_mask)
+        with torch.no_grad():
+            return self.nets.denoise(*(a.to(d) for a in args)).cpu()
+
+
+def make_backends(
+    stage1: Stage1Model,
+    stage2: Stage2Nets,
+    backend: str = "torch",
+    device: str = "cpu",
+    render_dtype: str = "fp32",
+) -> tuple[Stage1Backend, Stage2Backend]:
+    """The runners for one backend name (only "torch" so far)."""
+    if backend != "torch":
+        raise UserError(
+            f"backend '{backend}' is not available in this build (available: {', '.join(BACKENDS)})"
+        )
+    return TorchStage1(stage1, device, render_dtype), TorchStage2(stage2, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing (per-stage compute for OutputFrame.meta and the bench)
+# --------------------------------------------------------------------------------------------
+class TimedStage2:
+    """A ``Stage2Backend`` that forwards to another and adds up the wall time of its calls.
+
+    Outputs are back on the CPU when a call returns, so the time includes any GPU work."""
+
+    def __init__(self, inner: Stage2Backend) -> None:
+        self.inner = inner
+        self.motion_dim = inner.motion_dim
+        self.normalizer = inner.normalizer
+        self.encode_s = 0.0
+        self.denoise_s = 0.0
+
+    def reset(self) -> None:
+        self.encode_s = self.denoise_s = 0.0
+
+    def encode(
+        self, feats: torch.Tensor, control_values: torch.Tensor, control_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        out = self.inner.encode(feats, control_values, control_mask)
+        self.encode_s += time.perf_counter() - t0
+        return out
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        speech: torch.Tensor,
+        ref_alpha: torch.Tensor,
+        ref_h: torch.Tensor,
+        known: torch.Tensor,
+        known_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.inner.denoise(x_t, t, speech, ref_alpha, ref_h, known, known_mask)
+        self.denoise_s += time.perf_counter() - t0
+        return out
