@@ -97,22 +97,24 @@ def test_presenter_gets_video_at_25fps_with_audio_in_sync() -> None:
             await rx.stop()
             await conn.close()
             await wait_for(lambda: not server.rooms)
-            return rx
+            return rx, conn.clocks
 
-    rx = asyncio.run(scenario())
+    rx, clocks = asyncio.run(scenario())
     assert 23 < rx.fps() < 27, rx.fps()
     vpts = np.array([p for _, p, _ in rx.video])
     steps = np.diff(vpts)
     assert np.all(steps == 3600), np.unique(steps)  # 90 kHz clock, one frame per 40 ms
-    # Returned audio by its RTP timestamps (48 kHz); both tracks start on the same frame.
-    a0, v0 = rx.audio[0][1], rx.video[0][1]
+    # Returned audio by its RTP timestamps (48 kHz).
+    a0 = rx.audio[0][1]
     audio = np.zeros(rx.audio[-1][1] - a0 + 960, np.float32)
     for _, pts, x in rx.audio:
         audio[pts - a0 : pts - a0 + len(x)] = x
-    # Each frame's mouth follows the loudness of the audio that plays with it (same pts).
+    # Video and audio of one media time, matched the way a browser does it: RTCP sender reports
+    # give each stream's sender time (the server sends both of one pts at the same moment).
+    assert clocks["video"].ready and clocks["audio"].ready
     opening, loudness = [], []
     for _, pts, img in rx.video[: rx.before_controls]:  # before the controls move the face
-        i = (pts - v0) * 48000 // 90000
+        i = int(round(clocks["audio"].pts_at(clocks["video"].sender_time(pts)))) - a0
         if i + 1920 <= len(audio):
             opening.append(mouth_openness(img))
             loudness.append(float(np.sqrt(np.mean(audio[i : i + 1920] ** 2))))

@@ -147,7 +147,7 @@ def test_bad_messages_get_clear_errors() -> None:
 
 def test_failing_session_is_reported_and_frees_capacity() -> None:
     from engine.errors import UserError
-    from server.standin import StandInSession, placeholder_face
+    from server.standin import StandInSession
 
     class Breaks(StandInSession):
         """Fails on its 20th pull, like an engine that runs out of memory."""

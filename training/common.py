@@ -97,7 +97,11 @@ def step_seed(run_seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 
 def step_rngs(run_seed: int, step: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
-    """A numpy generator (data) and a torch generator (noise, shuffles) for one training step."""
+    """A numpy generator (data) and a torch generator (noise, shuffles) for one training step.
+
+    Also reseeds torch's global generator (dropout and any other implicit randomness), so a
+    resumed run repeats the same steps exactly."""
+    torch.manual_seed(step_seed(run_seed, step, rank, 2))
     g = torch.Generator().manual_seed(step_seed(run_seed, step, rank, 1))
     return np.random.default_rng(step_seed(run_seed, step, rank, 0)), g
 

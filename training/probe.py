@@ -1,7 +1,7 @@
 """An independent judge for stage-2 evaluation: a small CNN that reads mouth opening and head
 pose off a frame, trained on the synthetic world's frames and exact ground truth.
 
-    python -m training.probe --out weights/probe.safetensors --steps 3000
+    livehead train probe --out weights/probe.safetensors --steps 3000
 
 It never sees the generator's output in training, so it measures generated video the same way
 it measures real renderings of the world. Its own accuracy is measured on held-out identities
@@ -123,7 +123,7 @@ def load_probe(path: Path) -> tuple[Probe, dict]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise UserError(f"probe weights not found: {path} (train them: python -m training.probe)")
+        raise UserError(f"probe weights not found: {path} (train them: livehead train probe)")
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
     if md.get("kind") != "probe":
@@ -133,14 +133,17 @@ def load_probe(path: Path) -> tuple[Probe, dict]:
     return probe.eval(), json.loads(md.get("accuracy", "{}"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="training.probe", description=__doc__)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--out", default="weights/probe.safetensors")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0)
-    a = p.parse_args(argv)
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="config (its [world] section is used)")
+    p.add_argument("--out", default="weights/probe.safetensors", help="output safetensors")
+    p.add_argument("--steps", type=int, default=3000, help="training steps")
+    p.add_argument("--batch", type=int, default=32, help="frames per step")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.steps < 1 or a.batch < 2:
+        raise UserError("--steps must be >= 1 and --batch >= 2")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.config)
@@ -152,4 +155,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(prog="training.probe", description=__doc__)
+    add_args(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -74,8 +74,8 @@ def extract(
     """Render ``clips`` synthetic clips, encode them, save them to ``out`` (a .pt file)."""
     from tqdm import tqdm
 
-    from training.world import make_clip
     from training.world import identity as wid
+    from training.world import make_clip
 
     if clips < 1 or seconds <= 0:
         raise UserError("stage-2 data: clips must be >= 1 and seconds > 0")
