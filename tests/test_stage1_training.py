@@ -121,3 +121,21 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     # rank 1 wrote a fingerprint of its weights; it must equal rank 0's
     fp = json.loads((tmp_path / "ddp_fingerprint.json").read_text())
     assert fp["0"] == pytest.approx(fp["1"], rel=1e-6, abs=1e-6)
+
+
+def test_warm_start_from_exported_weights(tmp_path: Path) -> None:
+    a = _trainer(tmp_path / "a", steps=1)
+    a.fit()
+    cfg = load_config("tiny", SMALL)
+    w = tmp_path / "a" / "stage1.safetensors"
+    b = Stage1Trainer(
+        cfg, Stage1Options(run_dir=tmp_path / "b", steps=0, init_from=str(w)), DistInfo()
+    )
+    ema = a.ema.state_dict()
+    for name, t in b.model.state_dict().items():
+        if t.is_floating_point() and name != "lmd.q":
+            assert torch.allclose(t, ema[name].to(t.dtype), atol=2e-3, rtol=2e-3), name
+    assert not b.model.lmd.frozen  # training re-orthonormalises Q
+    bad = load_config("tiny", [*SMALL, "stage1.latent_dim=48", "stage1.head_hidden=48"])
+    with pytest.raises(UserError, match="another"):
+        Stage1Trainer(bad, Stage1Options(run_dir=tmp_path / "c", init_from=str(w)), DistInfo())

@@ -70,6 +70,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_config_args(sheet)
     sheet.set_defaults(func=_cmd_sheet)
 
+    avatar = sub.add_parser(
+        "avatar",
+        help="draw one identity, frontal and neutral, as a portrait (the bundled avatar)",
+        description="Write a frontal neutral portrait of one identity (default: held-out "
+        "identity 4805, the bundled weights/avatar.png).",
+    )
+    avatar.add_argument("--out", required=True, type=Path, help="output image (.png)")
+    avatar.add_argument("--id", type=int, default=4805, help="identity id (default 4805)")
+    avatar.add_argument("--size", type=int, default=256, help="size in pixels")
+    avatar.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    _add_config_args(avatar)
+    avatar.set_defaults(func=_cmd_avatar)
+
     # Real videos -> training clips (training/realdata); absent in trimmed installs.
     try:
         from training.realdata.cli import add_prepare_args
@@ -84,6 +97,23 @@ def _check_common(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if not 16 <= args.size <= 2048:
         raise UserError(f"--size must be in [16, 2048] pixels, got {args.size}")
+
+
+def _cmd_avatar(args: argparse.Namespace) -> int:
+    _check_common(args)
+    from PIL import Image
+
+    from engine.config import load_config
+    from training.world import get_identity, neutral_motion, render_frames
+
+    cfg = load_config(args.config, args.override)
+    if not 0 <= args.id < cfg.world.identities:
+        raise UserError(f"--id must be in [0, {cfg.world.identities}), got {args.id}")
+    img = render_frames(get_identity(cfg.world, args.id), neutral_motion(1), args.size)[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

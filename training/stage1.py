@@ -93,6 +93,7 @@ class Stage1Options:
     device: str = "auto"
     threads: int = 0
     export_every: int = 0  # also write the EMA weights as safetensors every N steps
+    init_from: str | None = None  # warm start from stage-1 safetensors (fresh optimisers)
 
 
 class Stage1Trainer:
@@ -108,6 +109,8 @@ class Stage1Trainer:
             self.data = RealPairs(Path(opts.data), size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Stage1Model(cfg.stage1).to(dev)
+        if opts.init_from and not opts.resume:
+            self._warm_start(Path(opts.init_from))
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.aam = ArcMarginProduct(
@@ -142,6 +145,18 @@ class Stage1Trainer:
         self.ckpt_path = opts.run_dir / "checkpoint.pt"
         if opts.resume:
             self.load()
+
+    def _warm_start(self, path: Path) -> None:
+        """Generator weights from a safetensors export (e.g. the bundled model): the EMA copy
+        becomes the starting point; optimisers, D and CLUB start fresh. The step count restarts
+        at 0 unless the file records one."""
+        from engine.weights import load_into, load_weights
+
+        tensors, saved, meta = load_weights(path, "stage1")
+        if saved.stage1 != self.cfg.stage1:
+            raise UserError(f"--init-from {path}: trained with another [stage1] config")
+        load_into(self.model, tensors, str(path))
+        self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
 
     # ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -380,6 +395,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--export-every", type=int, default=0, help="write EMA safetensors every N")
+    p.add_argument(
+        "--init-from", default=None, help="warm start from stage-1 safetensors (new optimisers)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -397,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         export_every=args.export_every,
+        init_from=args.init_from,
     )
     train(cfg, opts)
     return 0
