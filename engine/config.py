@@ -235,7 +235,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _build(typ, value, where)
+        return _build(typ, value, where)  # type: ignore[arg-type]
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,8 @@ def decode_image(data: bytes | Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -
     try:
         import io
 
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as opened:
+            im: Image.Image = opened
             if im.width * im.height > max_pixels:
                 raise UserError(f"{name}: {im.width}x{im.height} is larger than allowed")
             if im.width < 16 or im.height < 16:
@@ -130,10 +132,10 @@ class VideoWriter:
         self.tmp = self.path.with_name(self.path.stem + ".partial" + self.path.suffix)
         self.container = av.open(str(self.tmp), mode="w", format="mp4")
         self.fps = fps
-        self.v = None
+        self.v: Any = None
         self.crf = crf
-        self.a = None
-        self.sample_rate = sample_rate
+        self.a: Any = None
+        self.sample_rate = sample_rate or 0
         if sample_rate:
             self.a = self.container.add_stream("aac", rate=sample_rate)
             self.a.layout = "mono"

@@ -311,7 +311,7 @@ class Engine:
             )
         if min(rgb.shape[:2]) < 16:
             raise UserError(f"avatar {rgb.shape[1]}x{rgb.shape[0]} is too small for a portrait")
-        image = square_resize(rgb, self.image_size)
+        image = np.array(square_resize(rgb, self.image_size))  # own, writable copy
         h, feats = self.stage1.encode(to_tensor(image[None]))
         alpha = self.stage1.motion(h)
         return Avatar(
@@ -503,7 +503,14 @@ class StreamSession:
         self._pulled_frames = 0  # frames handed out by pull(): the played position
         self._recent_alpha: deque[torch.Tensor] = deque(maxlen=max(self.plan.prefix_frames, 1))
         self._last_image = avatar.image  # what a dropped frame shows when nothing is before it
+        # Input state, reset by _new_epoch (start, interrupt).
         self._epoch = -1
+        self._origin = 0  # absolute frame of the epoch's frame 0
+        self._next_frame = 0  # next frame to produce
+        self._audio = np.zeros(0, np.float32)  # 16 kHz input from sample _next_frame * 640 on
+        self._received = 0  # absolute 16 kHz samples received
+        self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, monotonic time)
+        self._resampler: _Resampler | None = None
         self._new_epoch(0)
 
     # -- Session protocol -----------------------------------------------------------------
@@ -654,11 +661,11 @@ class StreamSession:
         e = self.engine
         self._epoch += 1
         self._origin = origin_frame
-        self._next_frame = origin_frame  # next frame to produce
-        self._audio = np.zeros(0, np.float32)  # 16 kHz input from sample _next_frame * 640 on
-        self._received = origin_frame * SAMPLES_PER_FRAME  # absolute samples received
-        self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, monotonic time)
-        self._resampler: _Resampler | None = None
+        self._next_frame = origin_frame
+        self._audio = np.zeros(0, np.float32)
+        self._received = origin_frame * SAMPLES_PER_FRAME
+        self._arrivals.clear()
+        self._resampler = None
         self._streamer = MotionStreamer(
             self._stage2,
             self.plan,

@@ -131,8 +131,9 @@ class EMA:
         self.shadow = {k: v.clone().float() for k, v in sd.items()}
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def unwrap(model: torch.nn.Module) -> Any:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ class StructuralLoss(nn.Module):
         return loss / self.scales
 
 
-_VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M"]
-_VGG19 += [512, 512, 512, 512, "M"]
+# VGG-19 "features": conv widths, 0 = 2x2 max-pool
+_VGG19 = [64, 64, 0, 128, 128, 0, 256, 256, 256, 256, 0, 512, 512, 512, 512, 0]
+_VGG19 += [512, 512, 512, 512, 0]
 
 
 class VGGPerceptual(nn.Module):
@@ -87,6 +88,8 @@ class VGGPerceptual(nn.Module):
     nothing is downloaded."""
 
     kind = "vgg19"
+    mean: torch.Tensor
+    std: torch.Tensor
     _taps = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 
     def __init__(self, path: str | Path, scales: int = 4):
@@ -94,11 +97,11 @@ class VGGPerceptual(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for v in _VGG19:
-            if v == "M":
+            if v == 0:
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(c_in, int(v), 3, padding=1), nn.ReLU(inplace=False)]
-                c_in = int(v)
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
+                c_in = v
         self.features = nn.Sequential(*layers[: self._taps[-1] + 1])
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -59,12 +59,12 @@ class GeneratorStep(nn.Module):
 
     def forward(self, b: Stage1Batch) -> dict[str, torch.Tensor]:
         use_neg = b.negative is not None
-        extra = torch.cat([b.augmented, b.negative], dim=0) if use_neg else b.augmented
+        extra = b.augmented if b.negative is None else torch.cat([b.augmented, b.negative])
         out = self.model(b.source, b.target, extra)
         n = b.source.shape[0]
         assert out.z_id_extra is not None and out.z_m_extra is not None
         # identity classes: source, target (same identity, other motion), augmented, negative
-        z_id = torch.cat([out.z_id_src, out.z_id_tgt, out.z_id_extra], dim=0)
+        z_id = torch.cat([out.z_id_src, out.z_id_tgt, out.z_id_extra], dim=0)  # type: ignore[list-item]
         labels = [b.label_source, b.label_source, b.label_source]
         if use_neg:
             labels.append(b.label_negative)
@@ -112,7 +112,7 @@ class Stage1Trainer:
         if opts.init_from and not opts.resume:
             self._warm_start(Path(opts.init_from))
         if t.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.aam = ArcMarginProduct(
             cfg.stage1.latent_dim, self.data.num_classes, t.aam_margin, t.aam_scale
         ).to(dev)
@@ -120,7 +120,7 @@ class Stage1Trainer:
         self.aux = nn.Linear(cfg.stage1.motion_dim, len(AUX_FIELDS)).to(dev) if use_aux else None
         self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
         self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
-        self.perceptual = make_perceptual(t.vgg_path).to(dev)
+        self.perceptual: nn.Module = make_perceptual(t.vgg_path).to(dev)
         self.gstep: nn.Module = GeneratorStep(self.model, self.aam, self.aux)
         self.dstep: nn.Module = self.disc
         self.cstep: nn.Module = self.club
@@ -233,7 +233,7 @@ class Stage1Trainer:
             x = x.to(dev, non_blocking=True)
             return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
-        b = Stage1Batch(*(move(x) for x in vars(b).values()))
+        b = Stage1Batch(*(move(x) for x in vars(b).values()))  # type: ignore[arg-type]
         if not self.t.negatives:
             b.negative = None
         return b

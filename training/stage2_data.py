@@ -86,6 +86,7 @@ def extract(
     for k in tqdm(range(clips), desc="stage2 data", disable=not progress, unit="clip"):
         ident = int(rng.choice(ids))
         clip = make_clip(cfg.world, ident, seconds, size=size, seed=seed * 100003 + k, split=split)
+        assert clip.frames is not None
         h, alpha = encode_frames(model, clip.frames)
         ctrl = np.stack([np.asarray(clip.motion[f], np.float32) for f in CONTROL_FIELDS], 1)
         items.append(
