@@ -72,10 +72,13 @@ class GeneratorStep(nn.Module):
         # CLUB pairs: codes of the unaugmented images (augmentation is for the identity branch)
         z_m = [out.z_m_src, out.z_m_tgt] + ([out.z_m_extra[n:]] if use_neg else [])
         z_i = [out.z_id_src, out.z_id_tgt] + ([out.z_id_extra[n:]] if use_neg else [])
+        # CLUB sees the codes on a sphere of radius sqrt(d): bounded, so the encoder cannot
+        # drive the MI upper bound to -inf by inflating z_m (unnormalised codes diverged here).
+        scale = float(out.z_m_src.shape[1]) ** 0.5
         res = {
             "recon": out.recon,
-            "z_id": torch.cat(z_i, dim=0),
-            "z_m": torch.cat(z_m, dim=0),
+            "z_id": F.normalize(torch.cat(z_i, dim=0).float(), dim=1) * scale,
+            "z_m": F.normalize(torch.cat(z_m, dim=0).float(), dim=1) * scale,
             "metric": F.cross_entropy(self.aam(z_id, lab), lab),
             "alpha_tgt": out.alpha_tgt,
         }
@@ -269,6 +272,11 @@ class Stage1Trainer:
                 aux = F.mse_loss(out["aux_pred"], b.gt_target)
                 loss = loss + t.w_aux_motion * aux
                 logs["aux_motion"] = float(aux.detach())
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"stage-1 loss became {float(loss.detach())} at step {step}; lower the learning "
+                "rate or resume from the last checkpoint"
+            )
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if t.warmup_steps:
