@@ -28,20 +28,24 @@ SMALL = [
     "train.stage1.batch_size=2",
     "train.stage1.d_reg_every=2",
     "train.stage1.w_aux_motion=1.0",
+    "train.stage1.adv_start_step=0",
     "world.identities=40",
     "world.heldout_identities=8",
 ]
 
 
-def _trainer(tmp: Path, resume: bool = False, steps: int = 2) -> Stage1Trainer:
-    cfg = load_config("tiny", SMALL)
+def _trainer(
+    tmp: Path, resume: bool = False, steps: int = 2, extra: tuple[str, ...] = ()
+) -> Stage1Trainer:
+    cfg = load_config("tiny", [*SMALL, *extra])
     torch.set_num_threads(1)
     opts = Stage1Options(run_dir=tmp, resume=resume, steps=steps, device="cpu")
     return Stage1Trainer(cfg, opts, DistInfo())
 
 
 def test_two_steps_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    a = _trainer(tmp_path / "a", steps=2)
+    neg = ("train.stage1.negatives=true",)  # the explicit-negative path (DDP test: in-batch)
+    a = _trainer(tmp_path / "a", steps=2, extra=neg)
     a.fit()
     assert (tmp_path / "a" / "checkpoint.pt").exists()
     assert (tmp_path / "a" / "stage1.safetensors").exists()
@@ -52,9 +56,9 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     )
 
     # interrupted: 1 step, save, new process state, resume for the second step
-    b1 = _trainer(tmp_path / "b", steps=1)
+    b1 = _trainer(tmp_path / "b", steps=1, extra=neg)
     b1.fit()
-    b2 = _trainer(tmp_path / "b", resume=True, steps=2)
+    b2 = _trainer(tmp_path / "b", resume=True, steps=2, extra=neg)
     assert b2.step == 1
     b2.fit()
     sa, _ = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
