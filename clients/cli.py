@@ -125,7 +125,7 @@ def _run_mic(args: argparse.Namespace) -> int:
 async def mic(args: argparse.Namespace) -> dict:
     """Publish the microphone (or a file), receive the avatar, optionally record it."""
     from clients.media import MicrophoneTrack, Mp4Recorder, PacedPcmTrack, load_audio
-    from clients.rtc import RtcOptions, connect, recv_audio, recv_video
+    from clients.rtc import AvRecording, RtcOptions, connect, recv_audio, recv_video
 
     track: MicrophoneTrack | PacedPcmTrack
     if args.file:
@@ -141,26 +141,23 @@ async def mic(args: argparse.Namespace) -> dict:
         ),
         track,
     )
-    recorder = Mp4Recorder(args.record, 48000) if args.record else None
+    recorder = AvRecording(Mp4Recorder(args.record, 48000), conn.clocks) if args.record else None
     counts = {"video": 0, "audio": 0}
-    origin: dict[str, int] = {}
 
     async def read_video() -> None:
         while True:
             f = await recv_video(conn.video)
             counts["video"] += 1
-            pts = int(f.pts or 0)
-            origin.setdefault("video", pts)
             if recorder is not None:
-                recorder.video(f.to_ndarray(format="rgb24"), (pts - origin["video"]) / 90000)
+                recorder.video(int(f.pts or 0), f.to_ndarray(format="rgb24"))
 
     async def read_audio() -> None:
         assert conn.audio is not None
         while True:
-            _, pcm = await recv_audio(conn.audio)
+            pts, pcm = await recv_audio(conn.audio)
             counts["audio"] += 1
             if recorder is not None:
-                recorder.audio(pcm)
+                recorder.audio(pts, pcm)
 
     t0 = time.monotonic()
     tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]

@@ -22,7 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtp import RtcpSrPacket
 
-from clients.media import ClientError
+from clients.media import ClientError, Mp4Recorder
 
 
 async def recv_video(track: MediaStreamTrack) -> av.VideoFrame:
@@ -224,3 +224,69 @@ async def connect(
         await pc.close()
         raise
     return RtcConnection(pc, video, audio, channel, answer.get("id", ""), t_offer, messages, clocks)
+
+
+class AvRecording:
+    """Received audio and video of one connection written to an ``Mp4Recorder`` in sync.
+
+    Audio is written back to back from its first frame; each video frame is placed at its
+    sender time relative to that first audio frame (RemoteClock). Frames are held until both
+    streams' sender reports arrived (about a second), or written with first-frame anchoring
+    when they never do."""
+
+    MAX_HELD = 250  # frames (about 3 s of audio + video) before giving up on sender reports
+
+    def __init__(self, recorder: Mp4Recorder, clocks: dict[str, RemoteClock]) -> None:
+        self._rec = recorder
+        self._clocks = clocks
+        self._held: list[tuple[str, int, np.ndarray]] = []
+        self._t0: float | None = None  # sender time of the first audio sample
+        self._anchored = False
+        self._first: dict[str, int] = {}
+        self._next_audio: int | None = None  # pts the next audio frame should have
+
+    def audio(self, pts: int, pcm: np.ndarray) -> None:
+        self._add("audio", pts, pcm)
+
+    def video(self, pts: int, rgb: np.ndarray) -> None:
+        self._add("video", pts, rgb)
+
+    def _add(self, kind: str, pts: int, data: np.ndarray) -> None:
+        self._first.setdefault(kind, pts)
+        self._held.append((kind, pts, data))
+        if self._t0 is None and not self._anchored:
+            if (
+                self._clocks["audio"].ready
+                and self._clocks["video"].ready
+                and "audio" in self._first
+            ):
+                self._t0 = self._clocks["audio"].sender_time(self._first["audio"])
+            elif len(self._held) < self.MAX_HELD:
+                return
+            else:
+                self._anchored = True
+        self._drain()
+
+    def _drain(self) -> None:
+        for kind, pts, data in self._held:
+            if kind == "audio":
+                # A lost packet leaves a gap in the pts: keep the timeline, fill with silence.
+                gap = 0 if self._next_audio is None else pts - self._next_audio
+                if 0 < gap < 48000:
+                    self._rec.audio(np.zeros(gap, np.int16))
+                self._next_audio = pts + len(data)
+                self._rec.audio(data)
+                continue
+            t_sent = self._clocks["video"].sender_time(pts) if self._t0 is not None else None
+            if t_sent is not None and self._t0 is not None:
+                t = t_sent - self._t0
+            else:
+                t = (pts - self._first["video"]) / 90000
+            if t >= 0:
+                self._rec.video(data, t)
+        self._held.clear()
+
+    def close(self) -> None:
+        self._anchored = self._t0 is None
+        self._drain()
+        self._rec.close()

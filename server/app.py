@@ -1110,6 +1110,12 @@ class LiveheadServer:
                 lambda r: r.stats.video_dropped,
             ),
             (
+                "livehead_engine_dropped_total",
+                "counter",
+                "Frames the engine did not render in time (it repeated the previous image).",
+                lambda r: r.stats.engine_dropped,
+            ),
+            (
                 "livehead_frames_flushed_total",
                 "counter",
                 "Frames discarded by interrupts.",

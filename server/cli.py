@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--standin",
         action="store_true",
-        help="use the stand-in session (no model: the avatar with an audio-driven "
-        "mouth); the default until the engine provides a session factory",
+        help="serve the stand-in session (no model: the avatar with an audio-driven "
+        "mouth) instead of the engine with the bundled weights",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
@@ -66,9 +66,10 @@ def standin_factory(size: int) -> Callable:
 def session_factory(cfg, standin: bool) -> Callable:  # noqa: ANN001
     """The one place the engine plugs in: ``make_session(avatar_rgb) -> Session``.
 
-    The engine is expected to provide ``engine.stream.make_session_factory(cfg)`` returning that
-    callable (weights loaded once and shared; a cheap Session per room). Until it exists, the
-    stand-in serves."""
+    The engine provides ``engine.stream.make_session_factory(cfg)`` (weights loaded once and
+    shared, one Session per room); ``--standin`` (or an engine without it) serves the stand-in."""
+    from engine.errors import UserError
+
     if not standin:
         try:
             from engine.stream import make_session_factory  # type: ignore[import-not-found]
@@ -79,7 +80,10 @@ def session_factory(cfg, standin: bool) -> Callable:  # noqa: ANN001
                 flush=True,
             )
         else:
-            return make_session_factory(cfg)
+            try:
+                return make_session_factory(cfg)
+            except UserError as e:
+                raise UserError(f"{e}; or serve the stand-in: livehead serve --standin") from None
     return standin_factory(cfg.server.standin_size)
 
 

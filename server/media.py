@@ -134,7 +134,9 @@ class OpusEncoder:
     """16 kHz mono Opus, 20 ms packets: one video frame's 640 samples -> two packets.
 
     Encoding at the engine's own rate avoids a resampler whose delay would shift audio against
-    video; RTP still runs the Opus clock at 48 kHz (aiortc converts from the packet time base)."""
+    video; RTP still runs the Opus clock at 48 kHz (aiortc converts from the packet time base).
+    The encoder's look-ahead (``delay_samples``, 6.5 ms) delays decoded sound behind its
+    timestamp; the pacer stamps packets that much earlier so sound and picture still match."""
 
     def __init__(self, bitrate: int = 32000) -> None:
         codec = av.CodecContext.create("libopus", "w")
@@ -146,6 +148,7 @@ class OpusEncoder:
         codec.options = {"application": "voip"}
         self._codec = codec
         self._samples = 0
+        self.delay_samples = 0
 
     def encode(self, pcm16: np.ndarray) -> list[av.Packet]:
         """pcm16: (640,) int16 -> two 20 ms packets (pts set later by the pacer)."""
@@ -158,8 +161,11 @@ class OpusEncoder:
             )
             frame.sample_rate = SAMPLE_RATE
             frame.pts = self._samples
+            packets = self._codec.encode(frame)
+            if self._samples == 0 and packets and packets[0].pts is not None:
+                self.delay_samples = max(0, -int(packets[0].pts))  # FFmpeg's initial padding
             self._samples += OPUS_FRAME_SAMPLES
-            out.extend(self._codec.encode(frame))
+            out.extend(packets)
         return out
 
 
@@ -174,7 +180,7 @@ class PacketTrack(MediaStreamTrack):
         self,
         kind: str,
         max_queue: int = 8,
-        on_keyframe_needed: Callable[[], None] | None = None,
+        on_keyframe_needed: Callable[[bool], None] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -217,7 +223,7 @@ class PacketTrack(MediaStreamTrack):
         if not self._started:
             self._started = True
             if self.kind == "video":
-                self._ask_keyframe()
+                self._ask_keyframe(force=True)  # not rate-limited: this viewer sees nothing yet
         packet = await self._queue.get()
         if packet is None:
             raise MediaStreamError
@@ -228,9 +234,9 @@ class PacketTrack(MediaStreamTrack):
             super().stop()
             self._queue.put_nowait(None)  # wake a pending recv()
 
-    def _ask_keyframe(self) -> None:
+    def _ask_keyframe(self, force: bool = False) -> None:
         if self._on_keyframe_needed is not None:
-            self._on_keyframe_needed()
+            self._on_keyframe_needed(force)
 
 
 def int16_pcm(audio: np.ndarray) -> np.ndarray:

@@ -139,8 +139,8 @@ class _Segment:
 
 
 class RtpSubscriber:
-    """A WebRTC peer's outgoing tracks. Audio waits for the video's first keyframe, so both of
-    a new viewer's tracks start at the same pts."""
+    """A WebRTC peer's outgoing tracks. Audio waits for the video's first keyframe, so a new
+    viewer's tracks start within one frame of each other."""
 
     def __init__(self, room: Room, video: bool = True, audio: bool = True) -> None:
         self.video = (
@@ -151,12 +151,11 @@ class RtpSubscriber:
         self.audio = PacketTrack("audio", room.settings.track_queue) if audio else None
         self._audio_on = self.video is None
 
-    def deliver(self, video: av.Packet | None, audio: list[av.Packet]) -> None:
+    def deliver_video(self, video: av.Packet | None) -> None:
         if self.video is not None and video is not None:
             self.video.put(video)
             if not self._audio_on and self.video.synced:
                 self._audio_on = True
-        self.deliver_audio(audio)
 
     def deliver_audio(self, audio: list[av.Packet]) -> None:
         if self.audio is not None and self._audio_on:
@@ -195,6 +194,7 @@ class RoomStats:
     frames_sent: int = 0
     frames_encoded: int = 0  # VP8 encodes: once per frame however many viewers
     video_dropped: int = 0
+    engine_dropped: int = 0  # frames the engine itself marked dropped (meta["dropped"])
     frames_flushed: int = 0  # discarded by interrupts
     stalls: int = 0
     stall_seconds: float = 0.0
@@ -325,6 +325,8 @@ class Room:
                 fut.set_result(played)
 
         def mark() -> None:
+            self._take_input()
+            self._drain_resampler()  # its filter holds the last few samples back
             self._flush_requested = True
             self._flush_callbacks.append(done)
 
@@ -468,6 +470,18 @@ class Room:
                     with self._lock:
                         self._queued_input_samples += len(x)
 
+    def _drain_resampler(self) -> None:
+        if self._resampler is None:
+            return
+        for out in self._resampler.resample(None):
+            x = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            if len(x):
+                self._pending.append([x, time.monotonic()])
+                self._pending_samples += len(x)
+                with self._lock:
+                    self._queued_input_samples += len(x)
+        self._resampler = None  # a flushed resampler takes no more input: start a new one
+
     def _feed(self) -> None:
         """Push pending input up to clock + lead; fill silence when input is missing."""
         now = self.clock.now_samples()
@@ -518,6 +532,8 @@ class Room:
         with self._lock:
             congested = self._ready_depth >= self.settings.max_ready_frames
         drop_video = late or congested
+        if f.meta.get("dropped"):
+            self.stats.engine_dropped += 1  # the engine repeated an image to keep up
         pcm16 = int16_pcm(np.asarray(f.audio, dtype=np.float32))
         video, audio, jpeg = None, [], None
         if self._want_rtp:
@@ -631,7 +647,19 @@ class Room:
                 played = self._played_speech
             out_pts = self._out_pts
             self._out_pts += SAMPLES_PER_FRAME
-            self._release(item, out_pts, played)
+            self._stamp(item, out_pts)
+            # Opus decodes ``delay`` late, so the audio leaves that much before the picture
+            # (stamps and send times both: RTCP sender reports pair them for lip sync).
+            delay_s = self._opus.delay_samples / SAMPLE_RATE
+            for sub in list(self._rtp):
+                sub.deliver_audio(item.audio[:1])
+            await asyncio.sleep(max(0.0, t_send + delay_s - time.monotonic()))
+            for sub in list(self._rtp):
+                sub.deliver_video(item.video)
+            if self._ws:
+                sent = SentFrame(item, out_pts, played)
+                for ws in list(self._ws):
+                    ws.deliver(sent)
             st = self.stats
             st.frames_sent += 1
             st.send_times.append(t_send)
@@ -673,20 +701,16 @@ class Room:
             self._segments.popleft()
         return speech, t_arrival
 
-    def _release(self, item: ReadyFrame, out_pts: int, played: int) -> None:
+    def _stamp(self, item: ReadyFrame, out_pts: int) -> None:
+        """Set the shared packets' pts on the output timeline (every sender reads them)."""
         self.size = (item.width, item.height)
         if item.video is not None:
             item.video.pts = video_pts(out_pts)
             item.video.time_base = VIDEO_TIME_BASE
         for k, packet in enumerate(item.audio):
-            packet.pts = out_pts + k * OPUS_FRAME_SAMPLES
+            # Earlier by the encoder's look-ahead: decoded sound then lines up with the picture.
+            packet.pts = out_pts + k * OPUS_FRAME_SAMPLES - self._opus.delay_samples
             packet.time_base = AUDIO_TIME_BASE
-        for sub in list(self._rtp):
-            sub.deliver(item.video, item.audio[:1])
-        if self._ws:
-            sent = SentFrame(item, out_pts, played)
-            for ws in list(self._ws):
-                ws.deliver(sent)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

@@ -7,19 +7,23 @@ import asyncio
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from clients.bench import bench
 from clients.cli import mic
 from clients.media import ClientError
 from clients.ws import push_file
-from tests.test_server_support import bursts, running_server, write_wav
+from server.standin import LOUD_RMS
+from tests.test_server_support import bursts, mouth_openness, running_server, write_wav
 
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 22.05 kHz like espeak-ng output, so the clients' resampling is exercised.
-    return write_wav(tmp_path_factory.mktemp("audio") / "bursts.wav", bursts(2.5, 22050), 22050)
+    # Burst period no multiple of 40 ms: onsets sweep across frame phases (sync checks).
+    pcm = bursts(3.0, 22050, period_s=0.46)
+    return write_wav(tmp_path_factory.mktemp("audio") / "bursts.wav", pcm, 22050)
 
 
 def test_push_records_synchronized_mp4(speech: Path, tmp_path: Path) -> None:
@@ -81,7 +85,7 @@ def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
         async with running_server() as (_, base):
             args = argparse.Namespace(
                 file=str(speech),
-                seconds=2.0,
+                seconds=3.0,
                 device=None,
                 record=str(out),
                 url=base,
@@ -92,9 +96,38 @@ def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
             return await mic(args)
 
     summary = asyncio.run(scenario())
-    assert summary["video_frames"] > 35 and summary["audio_frames"] > 70
+    assert summary["video_frames"] > 50 and summary["audio_frames"] > 100, summary
+    # The file is in sync: each picture's mouth follows the loudness of the sound at its time.
     with av.open(str(out)) as c:
         assert {s.type for s in c.streams} == {"video", "audio"}
+        chunks = [
+            (float(f.pts * f.time_base), f.to_ndarray().mean(axis=0)) for f in c.decode(audio=0)
+        ]
+    with av.open(str(out)) as c:
+        frames = [
+            (float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)
+        ]
+    rate = 48000
+    t_first = chunks[0][0]
+    sound = np.zeros(int((chunks[-1][0] - t_first) * rate) + 4096, np.float32)
+    for t, x in chunks:
+        i = int(round((t - t_first) * rate))
+        sound[i : i + len(x)] = x
+    opening, loudness = [], []
+    for t, img in frames:
+        i = int(round((t - t_first) * rate))
+        if i >= 0 and i + 1920 <= len(sound):
+            opening.append(mouth_openness(img))
+            rms = float(np.sqrt(np.mean(sound[i : i + 1920] ** 2)))
+            loudness.append(np.sqrt(min(1.0, rms / LOUD_RMS)))
+    o, a = np.array(opening), np.array(loudness)
+    corr = {
+        lag: np.corrcoef(
+            o[max(0, lag) : len(o) + min(0, lag)], a[max(0, -lag) : len(a) - max(0, lag)]
+        )[0, 1]
+        for lag in (-1, 0, 1)
+    }
+    assert len(o) > 40 and corr[0] > 0.9 and corr[0] > max(corr[-1], corr[1]), (len(o), corr)
 
 
 def test_client_errors_are_one_line(tmp_path: Path, speech: Path) -> None:

@@ -200,23 +200,26 @@ def test_slow_engine_stalls_without_growing_queues() -> None:
         return StandInSession(avatar, size=64, compute_ms=50)
 
     async def scenario() -> None:
-        async with running_server(factory=slow) as (server, base), aiohttp.ClientSession() as s:
-            async with s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
-                await ws.send_json({"type": "start"})
-                assert (await ws.receive_json())["type"] == "started"
-                frames, depth = [], []
-                t_end = time.monotonic() + 2.0
-                while time.monotonic() < t_end:
-                    msg = await ws.receive(timeout=5)
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        frames.append((time.monotonic(), parse_frame(msg.data)))
-                        depth.append(server.rooms["default"].queue_depth)
-                room = server.rooms["default"]
-                assert room.stats.stalls > 5
-                assert max(depth) <= server.settings.max_ready_frames
-                pts = [f.pts_samples for _, f in frames]
-                assert pts == list(range(0, 640 * len(pts), 640))
-                fps = (len(frames) - 1) / (frames[-1][0] - frames[0][0])
-                assert 14 < fps < 23, fps
+        async with (
+            running_server(factory=slow) as (server, base),
+            aiohttp.ClientSession() as s,
+            s.ws_connect(base.replace("http", "ws") + "/ws") as ws,
+        ):
+            await ws.send_json({"type": "start"})
+            assert (await ws.receive_json())["type"] == "started"
+            frames, depth = [], []
+            t_end = time.monotonic() + 2.0
+            while time.monotonic() < t_end:
+                msg = await ws.receive(timeout=5)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    frames.append((time.monotonic(), parse_frame(msg.data)))
+                    depth.append(server.rooms["default"].queue_depth)
+            room = server.rooms["default"]
+            assert room.stats.stalls > 5
+            assert max(depth) <= server.settings.max_ready_frames
+            pts = [f.pts_samples for _, f in frames]
+            assert pts == list(range(0, 640 * len(pts), 640))
+            fps = (len(frames) - 1) / (frames[-1][0] - frames[0][0])
+            assert 14 < fps < 23, fps
 
     asyncio.run(scenario())

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.standin import placeholder_face
 from tests.test_server_support import bursts, write_wav
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,8 @@ def _in_ns(ns: str, *cmd: str, **kw) -> subprocess.Popen:  # noqa: ANN003
 @pytest.mark.browser
 def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "mic.wav", bursts(4.0, 48000), 48000)
+    avatar = tmp_path / "face.png"  # a known face (weights/avatar.png may hold another)
+    Image.fromarray(placeholder_face(256)).save(avatar)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
     server = _in_ns(
         netns,
@@ -41,6 +44,8 @@ def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
         "--standin",
         "--port",
         str(PORT),
+        "--avatar",
+        str(avatar),
         "--set",
         "server.standin_size=256",
         cwd=REPO,
