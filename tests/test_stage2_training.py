@@ -89,3 +89,48 @@ def test_stage1_config_mismatch_is_clear(tmp_path: Path, stage1_file: Path) -> N
     opts = Stage2Options(run_dir=tmp_path, stage1=str(stage1_file), extract_clips=1)
     with pytest.raises(UserError, match="stage-1 weights"):
         Stage2Trainer(cfg, opts, DistInfo())
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "training.stage2",
+        "--config",
+        "tiny",
+        "--run-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--stage1",
+        str(stage1_file),
+        "--extract-clips",
+        "2",
+        "--clip-seconds",
+        "2",
+    ]
+    for s in SMALL:
+        args += ["--set", s]
+    env = dict(os.environ, LIVEHEAD_DDP_CHECK="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    st, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert st["step"] == 2
+    fp = json.loads((tmp_path / "ddp_fingerprint.json").read_text())
+    assert fp["0"] == pytest.approx(fp["1"], rel=1e-6, abs=1e-6)

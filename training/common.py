@@ -88,6 +88,30 @@ def allreduce_grads(module: torch.nn.Module, info: DistInfo) -> None:
             p.grad /= info.world_size
 
 
+def write_ddp_fingerprint(module: torch.nn.Module, info: DistInfo, path: Path) -> None:
+    """Test hook (LIVEHEAD_DDP_CHECK=1): every rank's weight checksum, gathered on rank 0 and
+    written as JSON, so a test can see that the replicas agree."""
+    fp = torch.tensor([sum(float(p.double().abs().sum()) for p in module.parameters())])
+    got = [torch.zeros_like(fp) for _ in range(info.world_size)]
+    dist.all_gather(got, fp)
+    if info.is_main:
+        path.write_text(json.dumps({str(i): float(g) for i, g in enumerate(got)}))
+
+
+def recipe_main(prog: str, add_args, run) -> None:
+    """``python -m training.stageN`` (what torchrun launches): parse, run, one-line errors."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog)
+    add_args(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # --------------------------------------------------------------------------------------------
 # Randomness per step
 # --------------------------------------------------------------------------------------------

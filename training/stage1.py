@@ -14,7 +14,6 @@ the world's ground-truth motion; off in the paper recipe). Three optimisers: gen
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -39,10 +38,12 @@ from training.common import (
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
+    recipe_main,
     save_checkpoint,
     step_rngs,
     truncate_metrics,
     unwrap,
+    write_ddp_fingerprint,
 )
 from training.losses import d_logistic, g_nonsat, make_perceptual, psnr, r1_penalty
 from training.stage1_data import AUX_FIELDS, RealPairs, Stage1Batch, SyntheticPairs
@@ -363,18 +364,7 @@ class Stage1Trainer:
         self.save()
         self.export(self.opts.run_dir / "stage1.safetensors")
         if os.environ.get("LIVEHEAD_DDP_CHECK") and self.dist.enabled:
-            self._write_ddp_fingerprint()
-
-    def _write_ddp_fingerprint(self) -> None:
-        """Test hook: every rank's weight checksum, so a test can see the replicas agree."""
-        import torch.distributed as dist
-
-        fp = torch.tensor([sum(float(p.double().abs().sum()) for p in self.model.parameters())])
-        got = [torch.zeros_like(fp) for _ in range(self.dist.world_size)]
-        dist.all_gather(got, fp)
-        if self.dist.is_main:
-            data = {str(i): float(g) for i, g in enumerate(got)}
-            (self.opts.run_dir / "ddp_fingerprint.json").write_text(json.dumps(data))
+            write_ddp_fingerprint(self.model, self.dist, self.opts.run_dir / "ddp_fingerprint.json")
 
 
 def train(cfg: Config, opts: Stage1Options) -> Stage1Trainer:
@@ -430,12 +420,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m training.stage1 ...
-    import sys
-
-    parser = argparse.ArgumentParser(prog="training.stage1")
-    add_args(parser)
-    try:
-        sys.exit(run(parser.parse_args()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    recipe_main("training.stage1", add_args, run)

@@ -22,24 +22,10 @@ import torch.nn.functional as F
 
 from engine.config import WorldConfig
 from engine.tensors import to_tensor
+from training.world.motion import MOTION_FIELDS
 
-# Ground-truth motion fields regressed by the optional auxiliary loss (synthetic world only).
-AUX_FIELDS = (
-    "yaw",
-    "pitch",
-    "roll",
-    "loc_x",
-    "loc_y",
-    "scale",
-    "mouth_open",
-    "mouth_width",
-    "mouth_round",
-    "blink_l",
-    "blink_r",
-    "brow",
-    "gaze_x",
-    "gaze_y",
-)
+# Ground-truth motion regressed by the optional auxiliary loss (synthetic world only): all of it.
+AUX_FIELDS = MOTION_FIELDS
 
 
 @dataclass

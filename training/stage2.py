@@ -14,7 +14,6 @@ adapter's predictions. Adam 1e-4, grad clip 1, EMA; DDP through torchrun.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -39,9 +38,11 @@ from training.common import (
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
+    recipe_main,
     save_checkpoint,
     step_rngs,
     truncate_metrics,
+    write_ddp_fingerprint,
 )
 from training.stage2_data import Stage2Batch, WindowSampler, extract, load_clips
 
@@ -210,14 +211,7 @@ class Stage2Trainer:
         self.save()
         self.export(self.opts.run_dir / "stage2.safetensors")
         if os.environ.get("LIVEHEAD_DDP_CHECK") and self.dist.enabled:
-            import torch.distributed as dist
-
-            fp = torch.tensor([sum(float(p.double().abs().sum()) for p in self.nets.parameters())])
-            got = [torch.zeros_like(fp) for _ in range(self.dist.world_size)]
-            dist.all_gather(got, fp)
-            if self.dist.is_main:
-                data = {str(i): float(x) for i, x in enumerate(got)}
-                (self.opts.run_dir / "ddp_fingerprint.json").write_text(json.dumps(data))
+            write_ddp_fingerprint(self.nets, self.dist, self.opts.run_dir / "ddp_fingerprint.json")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -259,12 +253,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m training.stage2 ...
-    import sys
-
-    parser = argparse.ArgumentParser(prog="training.stage2")
-    add_args(parser)
-    try:
-        sys.exit(run(parser.parse_args()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    recipe_main("training.stage2", add_args, run)
