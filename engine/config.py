@@ -115,6 +115,10 @@ class StreamConfig:
     max_backlog_s: float = 120.0  # un-pulled output + pending input; a push beyond is refused
     max_push_s: float = 60.0  # longest chunk one push_audio call may carry
     speech_rms: float = 0.01  # frames at least this loud (RMS of [-1, 1] audio) are "speech"
+    # Live catch-up: a window whose audio came in more than this long before its render would
+    # start is not rendered (its frames repeat the previous image and count as dropped; audio
+    # and motion stay). 0 = off: every frame rendered, output independent of timing.
+    render_deadline_ms: float = 0.0
 
 
 @dataclass

@@ -29,6 +29,10 @@ output audio is the input delayed by the engine's latency. A consumer that stops
 pts, so the played audio stays continuous. Frames that would lose their image before they are
 even pulled are not rendered at all. Un-pulled audio is bounded too: a push that would take
 the backlog past ``stream.max_backlog_s`` is refused with a UserError (pull, or interrupt).
+A live deployment on a slow machine may set ``stream.render_deadline_ms``: a window whose audio
+has waited longer than that when its turn to render comes is not rendered (video repeats, audio
+and motion go on), so the stream catches up instead of falling further behind. Off by default,
+since it makes the output depend on timing.
 
 Interrupt (barge-in) drops everything not yet pulled (queued frames, pending input audio and
 features, generated motion) and returns the position of the next unplayed sample; new audio
@@ -222,10 +226,11 @@ class Engine:
         for given, default, stage in ((stage1, DEFAULT_STAGE1, 1), (stage2, DEFAULT_STAGE2, 2)):
             if given is None and not default.exists():
                 raise UserError(
-                    f"no bundled stage-{stage} weights at {default}. Train them: "
+                    f"no bundled stage-{stage} weights at {default}. Train them with "
                     "'livehead train stage1 --config tiny', then 'livehead train stage2 "
-                    "--config tiny' (each ends by writing its file under weights/), or pass "
-                    "your own files (--stage1 / --checkpoint)"
+                    "--config tiny', and copy runs/stage1/stage1.safetensors and "
+                    "runs/stage2/stage2.safetensors to weights/stage1_tiny.safetensors and "
+                    "weights/stage2_tiny.safetensors (or pass files with --stage1 / --checkpoint)"
                 )
         m1, cfg1, meta1 = load_stage1(stage1)
         nets, cfg2, meta2 = load_stage2(stage2, stage1=cfg1.stage1)
@@ -355,7 +360,12 @@ class Engine:
 def make_session_factory(cfg: Config):  # noqa: ANN201 - server.app.SessionFactory
     """For ``livehead serve``: the bundled weights loaded once, ``make(avatar_rgb) -> Session``
     per room. ``cfg`` supplies the stream/server sections and runtime stage-2 keys."""
-    engine = Engine.load(config=cfg)
+    try:
+        engine = Engine.load(config=cfg)
+    except UserError as e:
+        raise UserError(
+            f"{e} (or serve the stand-in, no model: livehead serve --standin)"
+        ) from None
 
     def make_session(avatar_rgb: np.ndarray) -> StreamSession:
         return engine.session(engine.prepare_avatar(avatar_rgb))
@@ -485,6 +495,7 @@ class StreamSession:
         self._max_backlog = int(st.max_backlog_s * SAMPLE_RATE)
         self._max_push_s = st.max_push_s
         self._speech_rms = st.speech_rms
+        self._deadline_s = st.render_deadline_ms / 1000.0
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -581,6 +592,10 @@ class StreamSession:
             out = []
             while self._out:
                 q = self._out.popleft()
+                if not q.owns_image:
+                    # A repeated image is shared (with the portrait, or other dropped frames):
+                    # hand out a copy, so a consumer that draws on frames in place is safe.
+                    q.frame.image = q.frame.image.copy()
                 out.append(q.frame)
                 self._recent_alpha.append(q.alpha)
                 self._last_image = q.frame.image
@@ -725,7 +740,7 @@ class StreamSession:
             chunk = x16[pos : pos + take]
             pos += take
             for alpha, i, times in self._timed_windows(lambda c=chunk: st.push_audio(c)):
-                render = (i - first_new + 1) * w > skip_frames
+                render = (i - first_new + 1) * w > skip_frames and not self._too_late(i)
                 self._emit_window(alpha, i, times, render=render)
             # After this the window of st.next_window is not ready: need > 0 again.
 
@@ -807,6 +822,14 @@ class StreamSession:
             self._arrivals.popleft()
         if enforce_limit:
             self._enforce_queue_limit()
+
+    def _too_late(self, index: int) -> bool:
+        """Live catch-up (stream.render_deadline_ms): has window ``index``'s newest audio
+        waited too long already?"""
+        if self._deadline_s <= 0:
+            return False
+        newest = self._origin * SAMPLES_PER_FRAME + self.plan.samples_needed(index) - 1
+        return time.monotonic() - self._arrival_time(newest) > self._deadline_s
 
     def _arrival_time(self, sample: int) -> float:
         """When absolute input sample ``sample`` arrived (monotonic seconds)."""
