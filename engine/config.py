@@ -174,6 +174,7 @@ class TrainStage1Config:
     w_perceptual: float = 0.1
     w_adv: float = 1.0
     w_mi: float = 0.1
+    club_lr: float = 1e-3  # CLUB estimator; it must keep up with the encoders
     w_metric: float = 0.1
     aam_margin: float = 0.2
     aam_scale: float = 30.0

@@ -142,7 +142,7 @@ class Stage1Trainer:
         self.opt_d = torch.optim.Adam(
             self.disc.parameters(), lr=t.lr * c, betas=(beta1**c, beta2**c)
         )
-        self.opt_club = torch.optim.Adam(self.club.parameters(), lr=1e-4)
+        self.opt_club = torch.optim.Adam(self.club.parameters(), lr=t.club_lr)
         self.ema = EMA(self.model, t.ema_decay)
         self.step = 0
         self.log = MetricsLog(opts.run_dir, enabled=dist_info.is_main)
@@ -264,7 +264,9 @@ class Stage1Trainer:
             perc = self.perceptual(recon, b.target)
             loss = t.w_l1 * l1 + t.w_perceptual * perc + t.w_metric * out["metric"]
             mi = unwrap(self.cstep).mi_upper(out["z_id"], out["z_m"])
-            loss = loss + t.w_mi * mi
+            # MI is >= 0: a negative CLUB estimate is the estimator lagging the encoders, and
+            # descending it only teaches the encoders to fool q (seen: -300 within 80 steps).
+            loss = loss + t.w_mi * mi.clamp_min(0.0)
             if use_adv:
                 adv = g_nonsat(self.disc(recon))
                 loss = loss + t.w_adv * adv
