@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 from engine.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(UserError):
@@ -250,9 +249,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ in (int, float, str, bool):
-        if typ is int and isinstance(value, bool) or not isinstance(value, typ):
-            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    bad_bool = typ is int and isinstance(value, bool)  # True is an int in Python, not here
+    if typ in (int, float, str, bool) and (bad_bool or not isinstance(value, typ)):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
     return value
 
 
