@@ -87,6 +87,14 @@ def test_exported_weights_evaluate(tmp_path: Path) -> None:
         assert isinstance(res[k], float), k
     assert 0 < res["self_psnr"] < 100 and -1 <= res["self_ssim"] <= 1
 
+    from PIL import Image
+
+    from training.eval_stage1 import load_stage1, side_by_side
+
+    model, cfg, _ = load_stage1(str(tmp_path / "stage1.safetensors"))
+    png = side_by_side(model, cfg, tmp_path / "grid.png", rows=2)
+    assert Image.open(png).size == (4 * 64, 2 * 64)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
