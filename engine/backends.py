@@ -77,7 +77,13 @@ class TorchStage1:
     render_dtype "bf16" runs the renderer under bf16 autocast (the model keeps flow, mask and
     grid in fp32 inside); "fp32" is exact and the default."""
 
-    def __init__(self, model: Stage1Model, device: str = "cpu", render_dtype: str = "fp32"):
+    def __init__(
+        self,
+        model: Stage1Model,
+        device: str = "cpu",
+        render_dtype: str = "fp32",
+        channels_last: bool = True,
+    ):
         if render_dtype not in RENDER_DTYPES:
             raise UserError(
                 f"stream.render_dtype must be one of {RENDER_DTYPES}, got '{render_dtype}'"
@@ -86,6 +92,10 @@ class TorchStage1:
         if not model.lmd.frozen:
             model.lmd.freeze()
         self.model = model.to(self.device).eval()
+        # NHWC: the renderer's thin high-resolution convolutions run ~1.4x faster on CPU
+        # (measured 54-64 vs 40-45 frames/s at 256², batch 4, 2 threads).
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         cfg = model.cfg
         self.image_size = cfg.image_size
         self.motion_dim = cfg.motion_dim
@@ -99,7 +109,8 @@ class TorchStage1:
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.inference_mode():
-            h, feats = self.model.encode(img.to(self.device))
+            x = img.to(self.device).contiguous(memory_format=self.memory_format)
+            h, feats = self.model.encode(x)
         return h, feats
 
     def motion(self, h: torch.Tensor) -> torch.Tensor:
@@ -157,13 +168,17 @@ def make_backends(
     backend: str = "torch",
     device: str = "cpu",
     render_dtype: str = "fp32",
+    channels_last: bool = True,
 ) -> tuple[Stage1Backend, Stage2Backend]:
     """The runners for one backend name (only "torch" so far)."""
     if backend != "torch":
         raise UserError(
             f"backend '{backend}' is not available in this build (available: {', '.join(BACKENDS)})"
         )
-    return TorchStage1(stage1, device, render_dtype), TorchStage2(stage2, device)
+    return (
+        TorchStage1(stage1, device, render_dtype, channels_last),
+        TorchStage2(stage2, device),
+    )
 
 
 # --------------------------------------------------------------------------------------------

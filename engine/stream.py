@@ -286,7 +286,9 @@ class Engine:
                 stream=dict(to_dict(st), backend=backend, device=device, threads=threads),
             )
         )
-        s1b, s2b = make_backends(stage1, stage2, backend, device, st.render_dtype)
+        s1b, s2b = make_backends(
+            stage1, stage2, backend, device, st.render_dtype, st.channels_last
+        )
         return cls(s1b, s2b, cfg, info)
 
     @classmethod
