@@ -66,8 +66,7 @@ def iter_video(path: str | Path, size: int | None = None) -> Iterator[np.ndarray
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"video not found: {path}")
+    check_video_file(path)
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as e:
@@ -83,9 +82,17 @@ def iter_video(path: str | Path, size: int | None = None) -> Iterator[np.ndarray
             raise UserError(f"{path}: video is corrupt ({e})") from None
 
 
+def check_video_file(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"video not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the video file is empty")
+
+
 def video_fps(path: str | Path) -> float:
     import av
 
+    check_video_file(Path(path))
     try:
         with av.open(str(path)) as c:
             rate = c.streams.video[0].average_rate

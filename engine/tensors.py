@@ -8,7 +8,10 @@ import torch
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    arr = np.ascontiguousarray(frames)
+    if not arr.flags.writeable:  # torch warns on read-only memory; .float() copies anyway
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     return t / 127.5 - 1.0
 
 
