@@ -94,7 +94,7 @@ def render_frames(
     its 640 input samples (the last zero-padded). A generator: nothing accumulates."""
     if samples.ndim != 1 or samples.size == 0:
         raise UserError("render needs a non-empty mono 16 kHz signal")
-    session = engine.session(avatar, seed=seed, controls=controls)
+    session = engine.session(avatar, seed=seed, controls=controls, live=False)
     # One window's hop per push: at most one window per push, so the queue never overflows.
     chunk = engine.plan.window_frames * SAMPLES_PER_FRAME
     try:

@@ -286,9 +286,7 @@ class Engine:
                 stream=dict(to_dict(st), backend=backend, device=device, threads=threads),
             )
         )
-        s1b, s2b = make_backends(
-            stage1, stage2, backend, device, st.render_dtype, st.channels_last
-        )
+        s1b, s2b = make_backends(stage1, stage2, backend, device, st.render_dtype, st.channels_last)
         return cls(s1b, s2b, cfg, info)
 
     @classmethod
@@ -345,15 +343,20 @@ class Engine:
         avatar: Avatar | np.ndarray | None = None,
         seed: int = 0,
         controls: Controls | ControlTrack | None = None,
+        live: bool = True,
     ) -> StreamSession:
         """A new live session (``engine.session_api.Session``). ``avatar``: an Avatar, an RGB
         array, or None for the bundled portrait. ``controls``: fixed Controls, or a
-        ControlTrack of per-frame controls (offline pose files; the session then owns it)."""
+        ControlTrack of per-frame controls (offline pose files; the session then owns it).
+        ``live=False`` (offline rendering): never skip windows for ``render_deadline_ms``."""
         if avatar is None:
             avatar = self.default_avatar()
         elif not isinstance(avatar, Avatar):
             avatar = self.prepare_avatar(avatar)
-        return StreamSession(self, avatar, seed, controls)
+        session = StreamSession(self, avatar, seed, controls)
+        if not live:
+            session._deadline_s = 0.0
+        return session
 
     def resolved_config(self) -> dict[str, Any]:
         return to_dict(self.cfg)
@@ -439,8 +442,9 @@ class _ShiftedTrack(ControlTrack):
         self.track = track
         self.offset = offset
 
-    def set(self, from_frame: int, controls: Controls | None) -> None:
-        self.track.set(from_frame + self.offset, controls)
+    def set(self, from_frame: int, controls: Controls | None, keep_from: int | None = None) -> None:
+        keep = None if keep_from is None else keep_from + self.offset
+        self.track.set(from_frame + self.offset, controls, keep)
 
     def segment(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.track.segment(lo + self.offset, hi + self.offset)
@@ -611,6 +615,7 @@ class StreamSession:
             self.stats.interrupts += 1
             self._out.clear()
             self._owned = 0
+            self._track.move_pending(self._pulled_frames)
             self._new_epoch(self._pulled_frames)
             return self._pulled_frames * SAMPLES_PER_FRAME
 
@@ -618,8 +623,10 @@ class StreamSession:
         validate_controls(controls)
         with self._lock:
             self._check_open()
-            # From the first frame not generated yet: the next window.
-            self._track.set(self._origin + self._streamer.next_frame, controls)
+            # From the first frame not generated yet: the next window. Changes older than the
+            # next window's audio context can never be read again.
+            nxt = self._origin + self._streamer.next_frame
+            self._track.set(nxt, controls, keep_from=nxt - self.plan.context_frames)
 
     def set_avatar(self, image: np.ndarray | Avatar) -> None:
         avatar = image if isinstance(image, Avatar) else self.engine.prepare_avatar(image)

@@ -24,6 +24,8 @@ WEIGHTS_DIR = REPO_ROOT / "weights"
 DEFAULT_STAGE1 = WEIGHTS_DIR / "stage1_tiny.safetensors"
 DEFAULT_STAGE2 = WEIGHTS_DIR / "stage2_tiny.safetensors"
 DEFAULT_AVATAR = WEIGHTS_DIR / "avatar.png"
+# Never cast these to fp16: training used them in fp32 and they are a few hundred numbers.
+KEEP_FP32 = ("normalizer.center", "normalizer.half_range", "lmd.q", "lmd.weight")
 
 
 def save_weights(
@@ -34,13 +36,14 @@ def save_weights(
     dtype: torch.dtype | None = None,
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``tensors`` atomically; floating tensors cast to ``dtype`` when given (e.g. fp16)."""
+    """Write ``tensors`` atomically; floating tensors cast to ``dtype`` when given (e.g. fp16),
+    except the small statistics that must stay exact (the α normaliser, the frozen LMD basis)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = {}
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
-        if dtype is not None and v.is_floating_point():
+        if dtype is not None and v.is_floating_point() and not k.endswith(KEEP_FP32):
             v = v.to(dtype)
         out[k] = v
     metadata = {"kind": kind, "config": json.dumps(to_dict(cfg)), "meta": json.dumps(meta or {})}

@@ -253,11 +253,34 @@ class ControlTrack:
     def __init__(self) -> None:
         self._changes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def set(self, from_frame: int, controls: Controls | None) -> None:
-        """Controls in force from ``from_frame`` (a stream: the first frame not yet generated)."""
+    def set(self, from_frame: int, controls: Controls | None, keep_from: int | None = None) -> None:
+        """Controls in force from ``from_frame`` (a stream: the first frame not yet generated).
+
+        keep_from: the earliest frame any future segment can still read (a stream: the next
+        window's segment start); older changes that a later one fully supersedes are dropped,
+        so an hour of slider moves does not make the track grow without bound."""
         values, mask = control_vectors(controls)
         self._changes = [c for c in self._changes if c[0] < from_frame]
         self._changes.append((from_frame, values, mask))
+        if keep_from is not None:
+            starts = [c[0] for c in self._changes]
+            # change k is needed while its successor starts after keep_from
+            self._changes = [
+                c
+                for k, c in enumerate(self._changes)
+                if k + 1 == len(starts) or starts[k + 1] > keep_from
+            ]
+
+    def move_pending(self, to_frame: int) -> None:
+        """Changes scheduled after ``to_frame`` take effect at ``to_frame`` instead (after an
+        interrupt the timeline resumes at the played position; the latest change wins)."""
+        later = [c for c in self._changes if c[0] > to_frame]
+        if later:
+            self._changes = [c for c in self._changes if c[0] < to_frame]
+            self._changes.append((to_frame, later[-1][1], later[-1][2]))
+
+    def __len__(self) -> int:
+        return len(self._changes)
 
     def segment(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames [lo, hi) -> (values (hi - lo, 5), mask (hi - lo, 3))."""

@@ -313,3 +313,37 @@ def test_controls_change_the_window_and_seed_matters():
         nets, plan, seg, prefix, ref_alpha, ref_h, window_noise(1, 2, plan.denoise_frames, 20), **kw
     )
     assert not torch.allclose(other_seed, free)
+
+
+def test_control_track_stays_bounded_and_exact() -> None:
+    """A stream's control changes are pruned once no future segment can read them, without
+    changing what the segments that can still be read contain."""
+    from engine.session_api import Controls
+    from engine.windowing import ControlTrack
+
+    full, pruned = ControlTrack(), ControlTrack()
+    context = 25
+    for i in range(3000):
+        frame = 3 * i
+        c = Controls(pose_deg=(float(i % 17), 0.0, 0.0))
+        full.set(frame, c)
+        pruned.set(frame, c, keep_from=frame - context)
+        lo = frame - context
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(full.segment(lo, frame + 5), pruned.segment(lo, frame + 5))
+        )
+    assert len(full) == 3000 and len(pruned) <= context // 3 + 2
+
+
+def test_control_track_move_pending() -> None:
+    from engine.session_api import Controls
+    from engine.windowing import ControlTrack
+
+    t = ControlTrack()
+    t.set(0, Controls(location=0.1))
+    t.set(30, Controls(location=0.5))
+    t.move_pending(20)  # interrupt at frame 20: the pending change applies from there
+    values, mask = t.segment(18, 22)
+    assert values[:2, 0].tolist() == pytest.approx([0.1, 0.1])
+    assert values[2:, 0].tolist() == pytest.approx([0.5, 0.5])

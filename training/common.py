@@ -140,11 +140,17 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
+    def decay_at(self, step: int | None) -> float:
+        """Warm-up (1 + n) / (10 + n), as TF/timm do: with 0.9999 and no warm-up, an export
+        after 10k steps would still be 37 % random initial weights."""
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        decay = self.decay_at(step)
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
             else:
                 self.shadow[k].copy_(v)
 

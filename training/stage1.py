@@ -286,7 +286,7 @@ class Stage1Trainer:
             for group in self.opt_g.param_groups:
                 group["lr"] = t.lr * min(1.0, step / t.warmup_steps)
         self.opt_g.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         self.disc.requires_grad_(True)
         self.club.requires_grad_(True)
 

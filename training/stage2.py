@@ -98,7 +98,10 @@ class Stage2Trainer:
                 f"the stage-1 weights were trained with config '{s1_cfg.name}', whose [stage1] "
                 f"differs from --config {cfg.name}"
             )
-        self.plan = WindowPlan.from_config(cfg.stage2, 4)
+        from engine.audio import LogMelFrontend
+
+        f = LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
+        self.plan = WindowPlan.from_config(cfg.stage2, f)
         data_path = opts.run_dir / "data.pt"
         if not data_path.exists():
             if info.is_main:
@@ -180,7 +183,7 @@ class Stage2Trainer:
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(self.nets.parameters(), self.t.grad_clip)
         self.opt.step()
-        self.ema.update(self.nets)
+        self.ema.update(self.nets, step)
         self.step = step
         return {
             "loss": float(loss),
