@@ -135,6 +135,11 @@ class ServerConfig:
     input_lead_frames: int = 2
     silence_slack_ms: int = 60
     max_input_buffer_s: float = 30.0  # queued presenter audio (a voice agent's TTS) per room
+    # A live presenter (WebRTC microphone, WHIP) keeps talking while output stalls: once its
+    # queued input passes input_lead_frames + playout_frames + live_catchup_slack_ms, the oldest
+    # excess is dropped (bounded latency wins over completeness). WebSocket input is never dropped.
+    live_catchup_slack_ms: int = 60
+    presenter_grace_s: float = 10.0  # a room without its presenter closes (viewers too) after this
     # Encoding (once per room, shared by every viewer)
     video_bitrate: int = 1_000_000
     keyframe_interval_frames: int = 50

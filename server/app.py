@@ -24,10 +24,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import math
+import numbers
 import re
 import secrets
 import time
@@ -35,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import av
 import numpy as np
@@ -65,6 +68,10 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WS_START_TIMEOUT_S = 10.0
 WATCHDOG_PERIOD_S = 1.0
 ROLES = ("presenter", "viewer")
+# JSON bodies and base64 images larger than this are parsed on a worker thread, not the loop.
+INLINE_PARSE_BYTES = 65536
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 OFFER_SHAPE = 'body must be JSON {"sdp": ..., "type": "offer", "role": ..., "room": ...}'
 
 
@@ -76,6 +83,16 @@ class ServerError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def _unbase64(text: str) -> bytes:
+    """base64 or a data: URL -> bytes (ServerError 400). Runs on a worker thread."""
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServerError(400, "avatar image must be base64 (or a data: URL)") from None
 
 
 def configure_ice(addresses: list[str]) -> None:
@@ -100,12 +117,29 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def same_origin(origin: str, host: str | None) -> bool:
+    """True when a browser's ``Origin`` names the host (and port) the request was sent to.
+
+    A missing port means the scheme's default on both sides (a TLS proxy in front keeps
+    ``Host`` without a port while the page is https)."""
+    try:
+        o = urlsplit(origin)
+        h = urlsplit("//" + (host or ""))
+        if o.scheme not in ("http", "https") or not o.hostname or not h.hostname:
+            return False
+        default = DEFAULT_PORTS[o.scheme]
+        return o.hostname == h.hostname and (o.port or default) == (h.port or default)
+    except ValueError:  # a malformed port or netloc
+        return False
+
+
 def parse_controls(msg: dict[str, Any]) -> Controls:
     """{"pose_deg": [yaw, pitch, roll], "location": x, "scale": s} -> Controls (400 on bad
     values); a missing or null field means "let the model decide"."""
 
     def number(v: Any, name: str, lo: float, hi: float) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        # Any real number (numpy scalars too, from Python callers); bool is not a number here.
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ServerError(400, f"{name} must be a finite number, got {v!r}")
         if not lo <= v <= hi:
             raise ServerError(400, f"{name} must be in [{lo}, {hi}], got {v}")
@@ -178,6 +212,7 @@ class LiveheadServer:
         self._creating = 0
         self._watchdog: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._orphan_timers: dict[str, asyncio.Task] = {}  # rooms whose presenter left
         configure_ice(self.scfg.ice_addresses)
 
     # ---------------------------------------------------------------------------------------
@@ -204,6 +239,7 @@ class LiveheadServer:
         r.add_get("/ws", self._ws)
         r.add_get("/metrics", self._metrics)
         r.add_get("/health", self._health)
+        r.add_route("OPTIONS", "/{tail:.*}", self._preflight)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -221,6 +257,8 @@ class LiveheadServer:
         await asyncio.gather(
             *(self._drop_member(m, "server shutting down") for m in list(self.members.values()))
         )
+        for timer in list(self._orphan_timers.values()):  # presenters that just left start some
+            timer.cancel()
         await asyncio.gather(*(room.close() for room in list(self.rooms.values())))
         self.rooms.clear()
         log.info("server stopped")
@@ -230,6 +268,7 @@ class LiveheadServer:
         self, request: web.Request, handler: Callable
     ) -> web.StreamResponse:
         try:
+            self._check_origin(request)
             resp = await handler(request)
         except ServerError as e:
             if e.status >= 500:
@@ -251,9 +290,49 @@ class LiveheadServer:
             resp.headers["Access-Control-Expose-Headers"] = "Location"
             resp.headers["Vary"] = "Origin"
 
+    def _check_origin(self, request: web.Request) -> None:
+        """A web page elsewhere must not drive this server: a browser's POST/DELETE/PATCH and
+        WebSocket handshake carry ``Origin``, which must be this server's own or one listed in
+        ``server.cors_origins``. Requests without ``Origin`` (not a browser) pass."""
+        origin = request.headers.get("Origin")
+        if origin is None or (request.method in SAFE_METHODS and request.path != "/ws"):
+            return
+        if origin in self.scfg.cors_origins or same_origin(origin, request.host):
+            return
+        raise ServerError(
+            403,
+            f"cross-site request from origin {origin!r} refused: serve the page from this "
+            "server or list its origin in server.cors_origins",
+        )
+
+    async def _preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight: only for origins in ``server.cors_origins`` (JSON and image POSTs,
+        the token header and DELETE need one)."""
+        origin = request.headers.get("Origin")
+        if not origin or origin not in self.scfg.cors_origins:
+            raise ServerError(
+                403, "cross-origin requests are allowed only from server.cors_origins"
+            )
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+
     # ---------------------------------------------------------------------------------------
     # Helpers
     # ---------------------------------------------------------------------------------------
+    @staticmethod
+    async def _parse_json(data: bytes | str) -> Any:
+        """json.loads, on a worker thread when the text is large (controls may carry a
+        base64 image of up to 2 x server.max_upload_bytes). Raises ValueError."""
+        if len(data) > INLINE_PARSE_BYTES:
+            return await asyncio.to_thread(json.loads, data)
+        return json.loads(data)
+
     def _check_token(self, request: web.Request) -> None:
         if self.token is None:
             return
@@ -404,6 +483,33 @@ class LiveheadServer:
                 self.rooms.pop(member.room, None)
                 await room.close()
                 log.info("room closed %s", kv(room=member.room, sessions=len(self.rooms)))
+                room = None
+        if room is not None and member.role == "presenter":
+            # Viewers alone must not hold a session slot: close after a grace period unless a
+            # presenter comes back.
+            old = self._orphan_timers.pop(member.room, None)
+            if old is not None:
+                old.cancel()
+            timer = asyncio.ensure_future(self._close_orphan(member.room, room))
+            self._orphan_timers[member.room] = timer
+            timer.add_done_callback(functools.partial(self._forget_orphan_timer, member.room))
+
+    def _forget_orphan_timer(self, name: str, timer: asyncio.Task) -> None:
+        if self._orphan_timers.get(name) is timer:
+            del self._orphan_timers[name]
+
+    async def _close_orphan(self, name: str, room: Room) -> None:
+        grace = self.scfg.presenter_grace_s
+        await asyncio.sleep(grace)
+        if self.rooms.get(name) is not room or self._presenter_of(name) is not None:
+            return
+        log.info("room without presenter %s", kv(room=name, grace_s=grace))
+        await asyncio.gather(
+            *(
+                self._drop_member(m, f"the presenter left more than {grace:g} s ago")
+                for m in self._room_members(name)
+            )
+        )
 
     async def _watch(self) -> None:
         """Every second: close peers that went silent (no packet at all for peer_timeout_s,
@@ -657,12 +763,34 @@ class LiveheadServer:
         sender._send_keyframe = send_keyframe  # type: ignore[method-assign]
 
     async def _consume_audio(self, member: Member, room: Room, track: MediaStreamTrack) -> None:
-        """A presenter's microphone -> the room's worker (decoded 48 kHz frames)."""
+        """A presenter's microphone -> the room's worker (decoded 48 kHz frames). A live
+        source: the room drops its oldest audio rather than let latency grow after stalls."""
+        refused = 0  # samples (at the track's rate) refused since the buffer filled
         try:
             while True:
                 frame = await track.recv()
-                if isinstance(frame, av.AudioFrame):
-                    room.push_input(frame, member.id)
+                if not isinstance(frame, av.AudioFrame):
+                    continue
+                if room.push_input(frame, member.id, live=True):
+                    if refused:
+                        log.warning(
+                            "microphone input accepted again %s",
+                            kv(member=member.id, room=room.name, dropped_samples=refused),
+                        )
+                        refused = 0
+                else:
+                    # Only when the worker stopped taking input (an engine stuck for seconds):
+                    # the audio is lost, counted in livehead_input_dropped_samples_total.
+                    if not refused:
+                        log.warning(
+                            "input buffer full, dropping microphone audio %s",
+                            kv(
+                                member=member.id,
+                                room=room.name,
+                                max_input_buffer_s=self.scfg.max_input_buffer_s,
+                            ),
+                        )
+                    refused += frame.samples
         except MediaStreamError:
             pass
 
@@ -675,7 +803,7 @@ class LiveheadServer:
             if not isinstance(message, str) or len(message) > self.scfg.max_upload_bytes * 2:
                 raise ServerError(400, "control messages are JSON text")
             try:
-                msg = json.loads(message)
+                msg = await self._parse_json(message)
             except ValueError:
                 raise ServerError(400, "control message is not JSON") from None
             reply = await self._handle_control(room, msg)
@@ -716,14 +844,7 @@ class LiveheadServer:
                 if avatar is None:
                     raise ServerError(404, f"no uploaded avatar with id {msg['id']!r}")
             elif isinstance(msg.get("image"), str):
-                data = msg["image"]
-                if data.startswith("data:"):
-                    data = data.split(",", 1)[-1]
-                try:
-                    raw = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ServerError(400, "avatar image must be base64 (or a data: URL)") from None
-                avatar = await self._decode(raw)
+                avatar = await self._decode(msg["image"])  # base64: decoded off the loop too
             else:
                 raise ServerError(400, "avatar message needs 'id' (from POST /avatar) or 'image'")
             await room.set_avatar(avatar.rgb)
@@ -732,11 +853,16 @@ class LiveheadServer:
             400, f"unknown control type {kind!r}: expected 'controls', 'interrupt' or 'avatar'"
         )
 
-    async def _decode(self, raw: bytes) -> Any:
+    async def _decode(self, raw: bytes | str) -> Any:
+        """An uploaded image (bytes, or base64 / a data: URL as text), decoded on a worker
+        thread: a 10 MB image must not hold up the event loop (and the pacer on it)."""
+        limits = self.scfg.max_upload_bytes, self.scfg.max_image_pixels
+
+        def decode() -> Any:
+            return decode_avatar(raw if isinstance(raw, bytes) else _unbase64(raw), *limits)
+
         try:
-            avatar = await asyncio.to_thread(
-                decode_avatar, raw, self.scfg.max_upload_bytes, self.scfg.max_image_pixels
-            )
+            avatar = await asyncio.to_thread(decode)
         except ImageRejected as e:
             raise ServerError(e.status, str(e)) from None
         self.avatars.put(avatar)
@@ -744,11 +870,14 @@ class LiveheadServer:
 
     async def _control(self, request: web.Request) -> web.Response:
         self._check_token(request)
+        # Not a "simple" CORS type: a page elsewhere cannot send it without asking first.
+        if request.content_type != "application/json":
+            raise ServerError(415, "/control needs Content-Type: application/json")
         body = await self._read_body(
             request, self.scfg.max_upload_bytes * 2, "control message", "server.max_upload_bytes"
         )
         try:
-            msg = json.loads(body)
+            msg = await self._parse_json(body)
         except (ValueError, UnicodeDecodeError):
             raise ServerError(400, "control message must be JSON") from None
         name = self._room_name(
@@ -768,7 +897,19 @@ class LiveheadServer:
         Either way the id works with {"type": "avatar", "id": ...}."""
         self._check_token(request)
         limit = self.scfg.max_upload_bytes
-        if request.content_type.startswith("multipart/"):
+        # aiohttp reports a missing Content-Type as application/octet-stream: look at the header.
+        ctype = request.content_type if "Content-Type" in request.headers else ""
+        if not (
+            ctype.startswith("image/")
+            or ctype == "multipart/form-data"
+            or ctype == "application/octet-stream"
+        ):
+            raise ServerError(
+                415,
+                "/avatar needs Content-Type: image/* (the raw image) or multipart/form-data, "
+                f"got {ctype or 'none'!r}",
+            )
+        if ctype == "multipart/form-data":
             reader = await request.multipart()
             raw = None
             async for part in reader:
@@ -994,7 +1135,7 @@ class LiveheadServer:
         member: Member,
     ) -> None:
         try:
-            msg = json.loads(text)
+            msg = await self._parse_json(text)
         except ValueError:
             await ws.send_json({"type": "error", "message": "text messages must be JSON"})
             return
@@ -1152,6 +1293,18 @@ class LiveheadServer:
                 lambda r: r.stats.input_dropped_samples,
             ),
             (
+                "livehead_input_skipped_samples_total",
+                "counter",
+                "Live presenter samples (16 kHz) dropped to catch up after output stalls.",
+                lambda r: r.stats.input_skipped_samples,
+            ),
+            (
+                "livehead_catchups_total",
+                "counter",
+                "Times live presenter input was dropped to keep latency bounded.",
+                lambda r: r.stats.catchups,
+            ),
+            (
                 "livehead_delay_seconds",
                 "gauge",
                 "Nominal delay: engine latency + playout buffer.",
@@ -1187,7 +1340,7 @@ class LiveheadServer:
             ),
             (
                 "livehead_compute_seconds",
-                "session.pull() wall time per frame (on the worker), last 500 frames.",
+                "Engine wall time (push + pull) per frame on the worker, last 500 frames.",
                 "compute_ms",
                 1e-3,
             ),

@@ -18,6 +18,14 @@ tracks (the clock waits, the viewer keeps the last picture) because audio is nev
 stretched; a frame that is already late when it is pulled has its video dropped before encoding
 (its audio still plays) so the worker catches up. Output pts are a contiguous counter: after an
 interrupt the timeline jumps, the transport's pts do not.
+
+Live input (a microphone over WebRTC/WHIP, ``push_input(..., live=True)``) keeps arriving in real
+time while the clock waits for a late frame, so each stall would add its length to the latency
+for good. For such a source bounded latency wins: once its queued input passes lead + playout +
+slack (``live_max_pending_samples``), the oldest excess is dropped (down to ``lead``) and counted
+(``stats.input_skipped_samples``). The frames already rendered keep their slots, so nothing is
+sent late or in a burst and no rendering is wasted. Input that is not live (a voice agent's TTS
+over the WebSocket, which may push faster than real time) is queued, never dropped.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ class RoomSettings:
     lead_samples: int = 2 * SAMPLES_PER_FRAME
     silence_slack_samples: int = 960  # 60 ms
     max_input_samples: int = 30 * SAMPLE_RATE
+    # Live sources: queued input beyond this is dropped, down to live_catchup_to_samples.
+    live_max_pending_samples: int = (2 + 3) * SAMPLES_PER_FRAME + 960
+    live_catchup_to_samples: int = 2 * SAMPLES_PER_FRAME
     max_ready_frames: int = 8
     video_bitrate: int = 1_000_000
     keyframe_interval: int = 50
@@ -94,6 +105,9 @@ class RoomSettings:
             lead_samples=s.input_lead_frames * SAMPLES_PER_FRAME,
             silence_slack_samples=s.silence_slack_ms * SAMPLE_RATE // 1000,
             max_input_samples=int(s.max_input_buffer_s * SAMPLE_RATE),
+            live_max_pending_samples=(s.input_lead_frames + s.playout_frames) * SAMPLES_PER_FRAME
+            + s.live_catchup_slack_ms * SAMPLE_RATE // 1000,
+            live_catchup_to_samples=s.input_lead_frames * SAMPLES_PER_FRAME,
             # The pacer's queue holds lead + playout frames in steady state; beyond that plus
             # the configured video queue, video is dropped before encoding.
             max_ready_frames=s.input_lead_frames + s.playout_frames + cfg.stream.video_queue_frames,
@@ -116,7 +130,7 @@ class ReadyFrame:
     video: av.Packet | None  # VP8, None when dropped or no WebRTC subscriber
     audio: list[av.Packet]  # two 20 ms Opus packets (empty without WebRTC subscribers)
     jpeg: bytes | None  # None when dropped or no WebSocket subscriber
-    compute_ms: float  # session.pull() wall time per frame, measured here
+    compute_ms: float  # engine wall time (push_audio/push_silence + pull) per frame, measured here
     stages_ms: dict[str, float]  # the engine's own per-stage timings (meta keys "*_ms")
     t_ready: float
 
@@ -199,6 +213,8 @@ class RoomStats:
     stalls: int = 0
     stall_seconds: float = 0.0
     input_dropped_samples: int = 0
+    input_skipped_samples: int = 0  # live input dropped to catch up after stalls (16 kHz)
+    catchups: int = 0
     silence_samples: int = 0
     first_frame_s: float | None = None
     latency_s: deque = field(default_factory=lambda: deque(maxlen=500))
@@ -233,7 +249,9 @@ class Room:
         self._loop = loop
         self._on_failed = on_failed
         # event loop -> worker
-        self._inputs: queue.SimpleQueue[tuple[str, av.AudioFrame, float]] = queue.SimpleQueue()
+        self._inputs: queue.SimpleQueue[tuple[str, av.AudioFrame, float, bool]] = (
+            queue.SimpleQueue()
+        )
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future]] = (
             queue.SimpleQueue()
         )
@@ -261,6 +279,9 @@ class Room:
         self._flush_callbacks: list[Callable[[int], None]] = []
         self._resampler: av.AudioResampler | None = None
         self._resampler_source = ""
+        self._live = False  # the latest input came from a live (real-time) source
+        self._compute_ms = 0.0  # engine time not yet attributed to an emitted frame
+        self._last_catchup_log = 0.0
         self._vp8 = Vp8Encoder(settings.video_bitrate, settings.keyframe_interval)
         self._opus = OpusEncoder()
         self._last_keyframe = 0.0
@@ -270,6 +291,7 @@ class Room:
         self._ws: set[WsSubscriber] = set()
         self._flush_waiters: list[tuple[int, Callable[[int], None]]] = []
         self._pacer: asyncio.Task | None = None
+        self._close_task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, name=f"livehead-room-{name}", daemon=True)
         self.closed = False
         self.failed: BaseException | None = None
@@ -281,16 +303,21 @@ class Room:
     def start(self) -> None:
         self._thread.start()
         self._pacer = self._loop.create_task(self._pace(), name=f"livehead-pacer-{self.name}")
+        self._pacer.add_done_callback(self._pacer_done)
 
-    def push_input(self, frame: av.AudioFrame, source: str) -> bool:
-        """Queue input audio (any rate, s16/flt, mono/stereo). False when the buffer is full."""
+    def push_input(self, frame: av.AudioFrame, source: str, live: bool = False) -> bool:
+        """Queue input audio (any rate, s16/flt, mono/stereo). False when the buffer is full.
+
+        live: the source produces audio in real time (a microphone): when output stalls, its
+        oldest queued input is dropped to keep latency bounded. Not live (a TTS pipeline that
+        may push faster than real time): input is queued up to ``max_input_samples``."""
         n16 = frame.samples * SAMPLE_RATE // max(1, frame.sample_rate)
         if self._queued_input_samples + n16 > self.settings.max_input_samples:
             self.stats.input_dropped_samples += n16
             return False
         with self._lock:
             self._queued_input_samples += n16
-        self._inputs.put((source, frame, time.monotonic()))
+        self._inputs.put((source, frame, time.monotonic(), live))
         self._wake.set()
         return True
 
@@ -379,7 +406,8 @@ class Room:
         self._wake.set()
         if self._pacer is not None:
             self._pacer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A pacer that failed has been logged (and failed the room) by _pacer_done.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._pacer
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10)
@@ -401,14 +429,7 @@ class Room:
             while not self._stopping.is_set():
                 self._wake.wait(self.settings.tick_s)
                 self._wake.clear()
-                self._run_commands()
-                self._take_input()
-                self._feed()
-                t0 = time.perf_counter()
-                frames = self.session.pull()
-                pull_ms = (time.perf_counter() - t0) * 1000
-                for f in frames:
-                    self._emit(f, pull_ms / len(frames))
+                self._step()
         except Exception as e:  # the session or an encoder broke: the room cannot go on
             log.exception("room worker failed %s", kv(room=self.name))
             self.failed = e
@@ -420,6 +441,21 @@ class Room:
                 self.session.close()
             except Exception:
                 log.exception("session close failed %s", kv(room=self.name))
+
+    def _step(self) -> None:
+        """One worker iteration: commands, input, feed the session, emit what it rendered."""
+        self._run_commands()
+        self._take_input()
+        # The engine computes inside push_audio/push_silence as well as in pull: time both, and
+        # spread it over the frames that come out (a push may render nothing yet).
+        t0 = time.perf_counter()
+        self._feed()
+        frames = self.session.pull()
+        self._compute_ms += (time.perf_counter() - t0) * 1000
+        if frames:
+            per_frame, self._compute_ms = self._compute_ms / len(frames), 0.0
+            for f in frames:
+                self._emit(f, per_frame)
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         # RuntimeError: the loop is closed (process shutdown), nobody is waiting any more.
@@ -452,15 +488,19 @@ class Room:
         source, so chunk edges leave no artefacts)."""
         while True:
             try:
-                source, frame, t_arrival = self._inputs.get_nowait()
+                source, frame, t_arrival, live = self._inputs.get_nowait()
             except queue.Empty:
                 return
             n16 = frame.samples * SAMPLE_RATE // max(1, frame.sample_rate)
             with self._lock:
                 self._queued_input_samples -= n16
-            if source != self._resampler_source or self._resampler is None:
+            if source != self._resampler_source:
+                # A new source: the old one's last samples (held in the filter) still play.
+                self._drain_resampler()
+            if self._resampler is None:
                 self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
                 self._resampler_source = source
+            self._live = live
             frame.pts = None  # the resampler must not "fix" gaps between chunks with silence
             for out in self._resampler.resample(frame):
                 x = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
@@ -502,6 +542,8 @@ class Room:
             self._add_segment(self._pushed, self._pushed + n, True, t_arrival)
             self._pushed += n
             self._speech_end = self._pushed
+        if self._live and self._pending_samples > self.settings.live_max_pending_samples:
+            self._catch_up()
         floor = now - self.settings.silence_slack_samples
         if not self._pending and self._pushed < floor:
             # No input for a while: silence advances the timeline (idle motion, clock).
@@ -516,6 +558,39 @@ class Room:
             self._flush_callbacks = []
             for cb in callbacks:
                 self._post(self._add_flush_waiter, end, cb)
+
+    def _catch_up(self) -> None:
+        """Live input outran the clock (output stalled while the microphone kept talking): drop
+        the oldest queued input down to ``live_catchup_to_samples``, so the latency a stall added
+        does not stay for good. Rendered frames keep their slots: nothing is sent late."""
+        drop = self._pending_samples - self.settings.live_catchup_to_samples
+        left = drop
+        while left > 0 and self._pending:
+            chunk = self._pending[0]
+            if len(chunk[0]) <= left:
+                left -= len(chunk[0])
+                self._pending.popleft()
+            else:
+                chunk[0] = chunk[0][left:]
+                left = 0
+        dropped = drop - left
+        self._pending_samples -= dropped
+        with self._lock:
+            self._queued_input_samples -= dropped
+        self.stats.input_skipped_samples += dropped
+        self.stats.catchups += 1
+        now = time.monotonic()
+        if now - self._last_catchup_log > 5.0:
+            self._last_catchup_log = now
+            log.warning(
+                "live input behind, catching up %s",
+                kv(
+                    room=self.name,
+                    dropped_ms=dropped * 1000 / SAMPLE_RATE,
+                    total_dropped_s=self.stats.input_skipped_samples / SAMPLE_RATE,
+                    catchups=self.stats.catchups,
+                ),
+            )
 
     def _add_segment(self, start: int, end: int, speech: bool, t_arrival: float) -> None:
         # Not merged: each keeps its own arrival time, for the latency metric. They live only
@@ -576,6 +651,7 @@ class Room:
         """Worker side of ``interrupt``: everything not yet sent is forgotten."""
         emitted = int(self.session.interrupt())
         self._take_input()  # input that arrived before the interrupt is dropped with the rest
+        self._resampler = None  # and so is what its filter still holds (no tail leaks through)
         self._pending.clear()
         with self._lock:
             self._queued_input_samples -= self._pending_samples
@@ -598,6 +674,20 @@ class Room:
     # ---------------------------------------------------------------------------------------
     # Pacer (event loop)
     # ---------------------------------------------------------------------------------------
+    def _pacer_done(self, task: asyncio.Task) -> None:
+        """Output must not stop silently: a pacer that raised fails the room."""
+        if task.cancelled() or self.closed:
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        log.error("room pacer failed %s", kv(room=self.name), exc_info=exc)
+        self.failed = exc
+        if self._on_failed is not None:
+            self._on_failed(self, exc)  # the server drops every member; the last closes the room
+        else:
+            self._close_task = self._loop.create_task(self.close())
+
     def _count_video_drop(self) -> None:
         self.stats.video_dropped += 1
 
