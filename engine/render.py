@@ -67,9 +67,7 @@ class PoseTrack(ControlTrack):
         values, mask = control_vectors(base)
         self.base_values, self.base_mask = values, mask
 
-    def set(
-        self, from_frame: int, controls: Controls | None, keep_from: int | None = None
-    ) -> None:
+    def set(self, from_frame: int, controls: Controls | None, keep_from: int | None = None) -> None:
         raise UserError("this session's controls come from a pose file; they cannot change")
 
     def segment(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ before it), window noise from (seed, epoch), controls read at the absolute frame
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -118,6 +119,11 @@ def runtime_config(model_cfg: Config, base: Config, overrides: list[str] | None 
     return cfg
 
 
+def _is_real(v: object) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def validate_controls(controls: Controls) -> Controls:
     """Range checks (UserError): pose within ±90°, location in [-1, 1], scale in (0, 4]."""
     if not isinstance(controls, Controls):
@@ -127,16 +133,16 @@ def validate_controls(controls: Controls) -> Controls:
         if len(pose) != 3:
             raise UserError("pose must be (yaw, pitch, roll) in degrees")
         for name, v in zip(("yaw", "pitch", "roll"), pose):
-            if not isinstance(v, int | float) or not math.isfinite(v) or abs(v) > 90:
+            if not _is_real(v) or not math.isfinite(v) or abs(v) > 90:
                 raise UserError(f"pose {name} must be a number of degrees in [-90, 90], got {v!r}")
     if controls.location is not None and not (
-        isinstance(controls.location, int | float) and -1.0 <= controls.location <= 1.0
+        _is_real(controls.location) and -1.0 <= controls.location <= 1.0
     ):
         raise UserError(
             f"location must be in [-1, 1] (x of the nose tip), got {controls.location!r}"
         )
     if controls.scale is not None and not (
-        isinstance(controls.scale, int | float) and 0.0 < controls.scale <= 4.0
+        _is_real(controls.scale) and 0.0 < controls.scale <= 4.0
     ):
         raise UserError(f"scale must be in (0, 4] (1 = the avatar's own), got {controls.scale!r}")
     return controls

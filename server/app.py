@@ -141,9 +141,10 @@ def parse_controls(msg: dict[str, Any]) -> Controls:
         # Any real number (numpy scalars too, from Python callers); bool is not a number here.
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ServerError(400, f"{name} must be a finite number, got {v!r}")
-        if not lo <= v <= hi:
-            raise ServerError(400, f"{name} must be in [{lo}, {hi}], got {v}")
-        return float(v)
+        x = float(v)
+        if not lo <= x <= hi:
+            raise ServerError(400, f"{name} must be in [{lo}, {hi}], got {x}")
+        return x
 
     pose = msg.get("pose_deg")
     if pose is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 
 import aiohttp
+import numpy as np
 import pytest
 
 from engine.errors import UserError
-from server.app import check_bind
+from server.app import ServerError, check_bind, parse_controls, same_origin
 from tests.test_server_support import http, png_bytes, running_server
 
 FAKE_SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -244,3 +246,185 @@ def test_health_metrics_and_no_cors_by_default() -> None:
             await ws.close()
 
     asyncio.run(scenario())
+
+
+def test_cross_site_requests_are_refused() -> None:
+    """A page on another site must not interrupt, swap the avatar or take the session slot:
+    browsers send Origin, and only this server's own origin (or a configured one) gets in."""
+
+    async def scenario() -> None:
+        overrides = ['server.cors_origins=["https://app.example"]']
+        async with running_server(overrides) as (server, base), aiohttp.ClientSession() as s:
+            evil = {"Origin": "https://evil.example"}
+            ws_url = base.replace("http", "ws") + "/ws"
+            # The WebSocket handshake: refused before any session exists.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await s.ws_connect(ws_url, headers=evil)
+            assert e.value.status == 403 and not server.rooms
+            for origin in (base.replace("127.0.0.1", "localhost"), "null", base + ".evil"):
+                with pytest.raises(aiohttp.WSServerHandshakeError):
+                    await s.ws_connect(ws_url, headers={"Origin": origin})
+            # Same origin (the bundled page), a configured origin, and no Origin (not a browser).
+            for headers in ({"Origin": base}, {"Origin": "https://app.example"}, None):
+                ws = await s.ws_connect(ws_url, headers=headers)
+                await ws.send_json({"type": "start", "room": "x"})
+                assert (await ws.receive_json())["type"] == "started"
+                await ws.close()
+                await asyncio.sleep(0.05)
+            ws, _ = await ws_presenter(s, base, "default")
+            room = server.rooms["default"]
+            # POSTs: controls, avatar, offers, WHIP; and DELETE.
+            posts = [
+                ("/control", dict(json={"type": "interrupt"})),
+                ("/avatar", dict(data=png_bytes(64, 64), headers={"Content-Type": "image/png"})),
+                ("/offer", dict(json={"sdp": FAKE_SDP, "type": "offer", "room": "other"})),
+                ("/whip", dict(data=FAKE_SDP, headers={"Content-Type": "application/sdp"})),
+            ]
+            for path, kwargs in posts:
+                headers = {**kwargs.pop("headers", {}), **evil}
+                code, body, h = await http("POST", base + path, headers=headers, **kwargs)
+                assert code == 403 and "origin" in body["error"], (path, body)
+                assert not any(k.lower().startswith("access-control") for k in h)
+            code, _, _ = await http("DELETE", base + "/whep/x", headers=evil)
+            assert code == 403
+            assert room.stats.frames_flushed == 0 and set(server.rooms) == {"default"}
+            code, reply, _ = await http(
+                "POST", base + "/control", json={"type": "interrupt"}, headers={"Origin": base}
+            )
+            assert code == 200 and reply["type"] == "interrupted"
+            code, reply, h = await http(
+                "POST",
+                base + "/control",
+                json={"type": "interrupt"},
+                headers={"Origin": "https://app.example"},
+            )
+            assert code == 200 and h["Access-Control-Allow-Origin"] == "https://app.example"
+            # CORS preflight: answered for the configured origin only.
+            pre = {"Access-Control-Request-Method": "POST"}
+            code, _, h = await http(
+                "OPTIONS", base + "/control", headers={"Origin": "https://app.example", **pre}
+            )
+            assert code == 204 and h["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "Content-Type" in h["Access-Control-Allow-Headers"]
+            code, _, h = await http("OPTIONS", base + "/control", headers={**evil, **pre})
+            assert code == 403 and "Access-Control-Allow-Origin" not in h
+            # Reading stays open (GET needs no Origin check).
+            code, _, _ = await http("GET", base + "/health", headers=evil)
+            assert code == 200
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_same_origin_rule() -> None:
+    assert same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert same_origin("https://Avatar.example", "avatar.example")  # TLS proxy: default ports
+    assert same_origin("https://avatar.example", "avatar.example:443")
+    assert same_origin("http://[::1]:8080", "[::1]:8080")
+    assert not same_origin("http://127.0.0.1:8081", "127.0.0.1:8080")
+    assert not same_origin("https://avatar.example", "avatar.example:80")
+    assert not same_origin("http://evil.example", "avatar.example")
+    assert not same_origin("null", "avatar.example")
+    assert not same_origin("file://", "avatar.example")
+    assert not same_origin("http://x:99999", "x:99999")
+
+
+def test_control_and_avatar_need_their_content_types() -> None:
+    """text/plain (or a form) is what a page elsewhere can POST without a CORS preflight."""
+
+    async def scenario() -> None:
+        async with running_server() as (_, base), aiohttp.ClientSession() as s:
+            ws, _ = await ws_presenter(s, base, "default")
+            body = json.dumps({"type": "interrupt"}).encode()
+            for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+                code, reply, _ = await http(
+                    "POST", base + "/control", data=body, headers={"Content-Type": ctype}
+                )
+                assert code == 415 and "application/json" in reply["error"], reply
+            code, reply, _ = await http(
+                "POST", base + "/control", data=body, headers={"Content-Type": "application/json"}
+            )
+            assert code == 200 and reply["type"] == "interrupted"
+            png = png_bytes(64, 64)
+            for ctype in ("text/plain", "application/x-www-form-urlencoded", "application/json"):
+                code, reply, _ = await http(
+                    "POST", base + "/avatar", data=png, headers={"Content-Type": ctype}
+                )
+                assert code == 415 and "image/" in reply["error"], (ctype, reply)
+            # No Content-Type at all (a fetch with an untyped body is a "simple" request too).
+            async with (
+                aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as bare,
+                bare.post(base + "/avatar", data=png) as r,
+            ):
+                assert r.status == 415, await r.text()
+            for ctype in ("image/png", "application/octet-stream"):
+                code, reply, _ = await http(
+                    "POST", base + "/avatar", data=png, headers={"Content-Type": ctype}
+                )
+                assert code == 200 and reply["width"] == 64, reply
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_large_control_messages_are_parsed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A control message may carry a 10 MB base64 image: json.loads and the base64 decode of
+    it must not run on the event loop (the pacer of every room runs there)."""
+    import base64
+    import threading
+
+    from PIL import Image
+
+    seen: list[tuple[str, str]] = []
+    real_loads, real_b64decode = json.loads, base64.b64decode
+
+    def loads(s, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if len(s) > 100_000:
+            seen.append(("json", threading.current_thread().name))
+        return real_loads(s, *a, **kw)
+
+    def b64decode(s, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if len(s) > 100_000:
+            seen.append(("base64", threading.current_thread().name))
+        return real_b64decode(s, *a, **kw)
+
+    noise = np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    assert len(image) > 100_000
+
+    async def scenario() -> None:
+        async with running_server() as (_, base), aiohttp.ClientSession() as s:
+            ws, _ = await ws_presenter(s, base, "default")
+            monkeypatch.setattr(json, "loads", loads)
+            monkeypatch.setattr(base64, "b64decode", b64decode)
+            loop_thread = threading.current_thread().name
+            code, reply, _ = await http(
+                "POST", base + "/control", json={"type": "avatar", "image": image}
+            )
+            assert code == 200 and reply["type"] == "avatar", reply
+            await ws.send_json({"type": "avatar", "image": "data:image/png;base64," + image})
+            while (msg := await ws.receive(timeout=5)).type != aiohttp.WSMsgType.TEXT:
+                pass
+            assert real_loads(msg.data)["type"] == "avatar", msg.data
+            monkeypatch.undo()
+            await ws.close()
+            kinds = [k for k, _ in seen]
+            assert kinds.count("json") >= 2 and kinds.count("base64") >= 2, seen
+            assert all(thread != loop_thread for _, thread in seen), seen
+
+    asyncio.run(scenario())
+
+
+def test_controls_accept_any_real_number() -> None:
+    c = parse_controls(
+        {"pose_deg": [np.float32(5.5), np.int64(0), 1], "location": np.float64(0.1), "scale": 1}
+    )
+    assert c.pose_deg == (5.5, 0.0, 1.0) and c.location == 0.1 and c.scale == 1.0
+    assert all(type(v) is float for v in (*c.pose_deg, c.location, c.scale))
+    for bad in ({"scale": True}, {"scale": "1"}, {"location": np.float32("nan")}):
+        with pytest.raises(ServerError):
+            parse_controls(bad)

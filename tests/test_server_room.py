@@ -49,36 +49,38 @@ class StallingSession(StandInSession):
 
 
 def test_live_microphone_latency_stays_bounded_through_stalls() -> None:
-    """A real-time mic (20 ms frames at 48 kHz) into a room whose engine stalls 200 ms every
-    0.4 s: each stall delays the clock, but the queued input (the latency) does not keep growing
-    with every stall; the excess is dropped and counted."""
+    """A real-time mic (20 ms frames at 48 kHz) into a room whose engine stalls 400 ms every
+    ~0.65 s: each stall delays the clock, but the queued input (the latency) does not keep
+    growing with every stall; the excess is dropped and counted."""
     settings = RoomSettings()
 
     async def scenario() -> tuple[Room, list[int], list[float]]:
-        room = Room("mic", StallingSession(0.4, 0.2), settings, asyncio.get_running_loop())
+        room = Room("mic", StallingSession(0.25, 0.4), settings, asyncio.get_running_loop())
         room.start()
-        mic = tone(3.2, 48000)
-        queued: list[int] = []
+        mic = tone(4.0, 48000)
+        pending: list[int] = []
         t0 = time.monotonic()
         for i, pos in enumerate(range(0, len(mic), 960)):
             await asyncio.sleep(max(0.0, t0 + i * 0.02 - time.monotonic()))
             assert room.push_input(pcm_frame(mic[pos : pos + 960], 48000), "mic", live=True)
-            queued.append(room._queued_input_samples)
+            pending.append(room._pending_samples)  # input taken by the worker, not yet pushed
         await asyncio.sleep(0.1)
         latency = list(room.stats.latency_s)
         await room.close()
-        return room, queued, latency
+        return room, pending, latency
 
-    room, queued, latency = asyncio.run(scenario())
-    assert room.session.stalls >= 5 and room.stats.stalls >= 5
-    # Without catch-up the backlog grows by ~200 ms per stall (> 1 s by the end). With it, what
-    # is queued stays within the threshold plus one stall's worth of input in flight.
-    bound = settings.live_max_pending_samples + int(0.25 * SAMPLE_RATE)
-    assert max(queued[50:]) <= bound, (max(queued[50:]), bound)
-    assert np.median(queued[-50:]) <= settings.live_max_pending_samples, queued[-50:]
+    room, pending, latency = asyncio.run(scenario())
+    assert room.session.stalls >= 4 and room.stats.stalls >= 3
+    # Without catch-up the backlog grows by the part of each stall the playout buffer does not
+    # absorb (~200 ms here), stall after stall: ~0.9 s queued by the end, and rising. With it,
+    # it stays under the threshold (plus a mic frame or two taken but not yet checked).
+    bound = settings.live_max_pending_samples + 960
+    assert np.median(pending[-60:]) <= bound, (bound, pending[-60:])
     assert room.stats.catchups > 0 and room.stats.input_skipped_samples > 0
-    # End to end (input arrival -> frame sent) stays bounded too: no stall is paid for twice.
-    assert len(latency) > 20 and max(latency[-20:]) < 0.9, latency[-20:]
+    # End to end (input arrival -> frame sent) stays bounded too: about the nominal delay plus
+    # lead plus the catch-up threshold plus a stall, ~0.65 s here, not growing (without the
+    # fix: ~1.4 s by the end).
+    assert len(latency) > 20 and max(latency[-20:]) < 0.95, latency[-20:]
 
 
 def test_catch_up_applies_only_to_live_input() -> None:
@@ -96,7 +98,7 @@ def test_catch_up_applies_only_to_live_input() -> None:
 
     room, queued = asyncio.run(scenario(live=False))
     assert room.stats.input_skipped_samples == 0 and room.stats.catchups == 0
-    assert queued > 0.5 * SAMPLE_RATE  # still waiting its turn: buffering is intended here
+    assert queued > 0.4 * SAMPLE_RATE  # still waiting its turn: buffering is intended here
     room, queued = asyncio.run(scenario(live=True))
     assert room.stats.catchups >= 1 and room.stats.input_skipped_samples > 0.5 * SAMPLE_RATE
     assert queued <= room.settings.live_max_pending_samples

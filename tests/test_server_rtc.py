@@ -8,7 +8,9 @@ import time
 
 import aiohttp
 import numpy as np
+import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
 
 from clients.media import PacedPcmTrack
 from clients.rtc import RtcOptions, connect
@@ -279,5 +281,55 @@ def test_whip_ingest_drives_a_whep_viewer() -> None:
             await viewer_pc.close()
             await pc.close()
             await wait_for(lambda: not server.rooms)
+
+    asyncio.run(scenario())
+
+
+def test_viewers_alone_do_not_keep_a_room() -> None:
+    """A room whose presenter left closes after server.presenter_grace_s (its viewers are
+    disconnected), so an anonymous viewer cannot hold the only session slot; a presenter who
+    comes back within the grace period keeps it."""
+
+    async def scenario() -> None:
+        overrides = ["server.presenter_grace_s=0.5"]
+        async with (
+            running_server(overrides, capacity=1) as (server, base),
+            aiohttp.ClientSession() as s,
+        ):
+            ws_url = base.replace("http", "ws") + "/ws"
+
+            async def presenter() -> aiohttp.ClientWebSocketResponse:
+                ws = await s.ws_connect(ws_url)
+                await ws.send_json({"type": "start", "room": "talk"})
+                assert (await ws.receive_json())["type"] == "started"
+                return ws
+
+            ws = await presenter()
+            viewer_pc, video, _ = await whep_viewer(base, "talk")
+            track = await asyncio.wait_for(video, 10)
+            room = server.rooms["talk"]
+            await ws.close()  # the presenter leaves ...
+            await asyncio.sleep(0.2)
+            ws = await presenter()  # ... and comes back within the grace period
+            await asyncio.sleep(0.6)
+            assert server.rooms.get("talk") is room
+            await ws.close()  # leaves for good
+            await asyncio.sleep(0.2)
+            assert server.rooms.get("talk") is room  # still within the grace period
+            await wait_for(lambda: not server.rooms and not server.members, timeout=3)
+            assert room.closed
+            # The viewer sees its connection closed and its track end.
+            await wait_for(lambda: viewer_pc.connectionState == "closed", timeout=5)
+
+            async def drain() -> None:
+                while True:
+                    await track.recv()
+
+            with pytest.raises(MediaStreamError):
+                await asyncio.wait_for(drain(), 5)
+            await viewer_pc.close()
+            # The slot is free for the next presenter.
+            ws = await presenter()
+            await ws.close()
 
     asyncio.run(scenario())

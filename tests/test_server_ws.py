@@ -223,3 +223,30 @@ def test_slow_engine_stalls_without_growing_queues() -> None:
             assert 14 < fps < 23, fps
 
     asyncio.run(scenario())
+
+
+def test_failing_pacer_fails_the_room() -> None:
+    """If the pacer (output) raised, frames would stop with the room still open and holding the
+    slot: the room fails instead, like a failing session."""
+
+    async def scenario() -> None:
+        async with running_server(capacity=1) as (server, base), aiohttp.ClientSession() as s:
+            async with s.ws_connect(base.replace("http", "ws") + "/ws") as ws:
+                await ws.send_json({"type": "start", "room": "p"})
+                assert (await ws.receive_json())["type"] == "started"
+                room = server.rooms["p"]
+
+                def broken(item, out_pts):  # noqa: ANN001, ANN202
+                    raise RuntimeError("pacer bug")
+
+                room._stamp = broken
+                while True:
+                    msg = await ws.receive(timeout=5)
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        assert "pacer bug" in json.loads(msg.data)["message"]
+                        break
+                assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+            assert not server.rooms and not server.members and room.closed
+            assert isinstance(room.failed, RuntimeError)
+
+    asyncio.run(scenario())
