@@ -176,7 +176,7 @@ def evaluate(
         "av_offset_ms": float(np.median(lags) * 40.0),
         "pose_control_err_deg": float(np.mean(pose_err)),
         "diversity": float(np.mean(div)),
-        "diversity_lipsync_r": float(np.nanmean(div_r)),
+        "diversity_lipsync_r": float(np.nanmean(div_r)) if np.isfinite(div_r).any() else None,
     }
     if drift_minutes > 0:
         res["long_drift"] = long_drift(gen, np.concatenate(long_audio), cfg, drift_minutes)

@@ -86,7 +86,7 @@ def train_probe(world: WorldConfig, steps: int, batch: int = 32, seed: int = 0, 
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps:
-            log(f"probe step {step}/{steps} loss {float(loss):.4f}")
+            log(f"probe step {step}/{steps} loss {loss.item():.4f}")
     return probe.eval()
 
 

@@ -186,9 +186,9 @@ class Stage2Trainer:
         self.ema.update(self.nets, step)
         self.step = step
         return {
-            "loss": float(loss),
-            "diffusion": float(diff),
-            "adapter": float(adapter),
+            "loss": loss.item(),
+            "diffusion": diff.item(),
+            "adapter": adapter.item(),
             "grad_norm": float(gn),
         }
 
