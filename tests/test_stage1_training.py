@@ -151,3 +151,22 @@ def test_warm_start_from_exported_weights(tmp_path: Path) -> None:
     bad = load_config("tiny", [*SMALL, "stage1.latent_dim=48", "stage1.head_hidden=48"])
     with pytest.raises(UserError, match="another"):
         Stage1Trainer(bad, Stage1Options(run_dir=tmp_path / "c", init_from=str(w)), DistInfo())
+
+
+def test_export_raw_or_ema_weights_from_a_run(tmp_path: Path) -> None:
+    import argparse
+
+    from engine.weights import read_metadata
+    from training.stage1 import add_args, run
+
+    _trainer(tmp_path, steps=1).fit()
+    p = argparse.ArgumentParser()
+    add_args(p)
+    sets = [x for s in SMALL for x in ("--set", s)]
+    for which in ("ema", "model"):
+        out = tmp_path / f"{which}.safetensors"
+        args = p.parse_args(
+            ["--run-dir", str(tmp_path), "--export", str(out), "--export-weights", which, *sets]
+        )
+        assert run(args) == 0
+        assert json.loads(read_metadata(out)["meta"])["weights"] == which

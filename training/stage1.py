@@ -205,12 +205,13 @@ class Stage1Trainer:
         self.step = int(st["step"])
         truncate_metrics(self.opts.run_dir, self.step)
 
-    def export(self, path: Path) -> None:
-        """EMA generator as fp16 safetensors (Q frozen, so inference never re-runs QR)."""
+    def export(self, path: Path, which: str = "ema") -> None:
+        """The generator (EMA or raw weights) as fp16 safetensors, Q frozen so inference never
+        re-runs QR."""
         if not self.dist.is_main:
             return
         m = Stage1Model(self.cfg.stage1)
-        m.load_state_dict(self.ema.state_dict())
+        m.load_state_dict(self.ema.state_dict() if which == "ema" else self.model.state_dict())
         m.lmd.freeze()
         save_weights(
             path,
@@ -223,6 +224,7 @@ class Stage1Trainer:
                 "perceptual": getattr(self.perceptual, "kind", "?"),
                 "data": self.opts.data,
                 "aux_motion_loss": self.t.w_aux_motion if self.aux is not None else 0.0,
+                "weights": which,
             },
         )
 
@@ -398,6 +400,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init-from", default=None, help="warm start from stage-1 safetensors (new optimisers)"
     )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="PATH",
+        help="no training: write RUN/checkpoint.pt's weights to PATH (safetensors) and exit",
+    )
+    p.add_argument(
+        "--export-weights",
+        choices=["ema", "model"],
+        default="ema",
+        help="with --export: the EMA (default) or the raw weights",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -407,6 +421,12 @@ def run(args: argparse.Namespace) -> int:
         _, saved = load_checkpoint(run_dir / "checkpoint.pt")
         if saved.stage1 != cfg.stage1:
             raise UserError(f"{run_dir}: checkpoint config differs from --config {args.config}")
+    if args.export:
+        info = init_distributed("cpu")
+        trainer = Stage1Trainer(cfg, Stage1Options(run_dir=run_dir, resume=True), info)
+        trainer.export(Path(args.export), args.export_weights)
+        print(f"wrote {args.export} ({args.export_weights} weights, step {trainer.step})")
+        return 0
     opts = Stage1Options(
         run_dir=run_dir,
         resume=args.resume,
