@@ -10,26 +10,12 @@ import torch
 from engine.config import load_config
 from engine.models.stage1 import Stage1Model
 from engine.models.stage2 import Stage2Nets
+from tests.small import SMALL_STAGE1, SMALL_STAGE2
 from training.eval_stage2 import best_lag, evaluate
 from training.probe import Probe
 from training.world import get_identity, heldout_ids, random_motion, render_frames
 
-SMALL = [
-    "stage1.image_size=64",
-    "stage1.enc_channels=[8, 16, 16, 16, 16]",
-    "stage1.dec_channels=[16, 16, 16, 16, 8]",
-    "stage1.latent_dim=32",
-    "stage1.head_hidden=32",
-    "stage2.speech.d_model=32",
-    "stage2.speech.ffn_dim=32",
-    "stage2.speech.blocks=1",
-    "stage2.denoiser.d_model=32",
-    "stage2.denoiser.ffn_dim=32",
-    "stage2.denoiser.blocks=1",
-    "stage2.cond_dim=16",
-    "stage2.adapter_hidden=16",
-    "stage2.sample_steps=2",
-]
+SMALL = [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=2"]
 
 
 def test_best_lag_finds_a_known_shift() -> None:

@@ -15,15 +15,10 @@ from engine.media import VideoWriter
 from engine.models.stage1 import Stage1Model
 from engine.weights import save_weights
 from livehead.cli import main
+from tests.small import SMALL_STAGE1
 from training.world import get_identity, heldout_ids, random_motion, render_frames
 
-SMALL = [
-    "stage1.image_size=64",
-    "stage1.enc_channels=[8, 16, 16, 16, 16]",
-    "stage1.dec_channels=[16, 16, 16, 16, 8]",
-    "stage1.latent_dim=32",
-    "stage1.head_hidden=32",
-]
+SMALL = SMALL_STAGE1
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,23 +10,18 @@ import torch
 
 from engine.config import load_config
 from engine.errors import UserError
+from tests.small import SMALL_STAGE1, SMALL_WORLD, fingerprints_agree, torchrun
 from training.common import DistInfo, load_checkpoint
 from training.stage1 import Stage1Options, Stage1Trainer
 
 SMALL = [
-    "stage1.image_size=64",
-    "stage1.enc_channels=[8, 16, 16, 16, 16]",
-    "stage1.dec_channels=[16, 16, 16, 16, 8]",
-    "stage1.latent_dim=32",
-    "stage1.head_hidden=32",
-    "stage1.club_hidden=32",
+    *SMALL_STAGE1,
+    *SMALL_WORLD,
     "train.stage1.disc_channels=[8, 16, 16, 16, 16]",
     "train.stage1.batch_size=2",
     "train.stage1.d_reg_every=2",
     "train.stage1.w_aux_motion=1.0",
     "train.stage1.adv_start_step=0",
-    "world.identities=40",
-    "world.heldout_identities=8",
 ]
 
 
@@ -96,43 +87,14 @@ def test_exported_weights_evaluate(tmp_path: Path) -> None:
     assert Image.open(png).size == (4 * 64, 2 * 64)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """torchrun with 2 gloo processes: both ranks end with identical weights."""
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "training.stage1",
-        "--config",
-        "tiny",
-        "--run-dir",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]
-    for s in SMALL:
-        args += ["--set", s]
-    env = dict(os.environ, LIVEHEAD_DDP_CHECK="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    args = ["--config", "tiny", "--run-dir", str(tmp_path), "--steps", "2"]
+    r = torchrun("training.stage1", args, SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     st, _ = load_checkpoint(tmp_path / "checkpoint.pt")
     assert st["step"] == 2
-    # rank 1 wrote a fingerprint of its weights; it must equal rank 0's
-    fp = json.loads((tmp_path / "ddp_fingerprint.json").read_text())
-    assert fp["0"] == pytest.approx(fp["1"], rel=1e-6, abs=1e-6)
+    assert fingerprints_agree(tmp_path)
 
 
 def test_warm_start_from_exported_weights(tmp_path: Path) -> None:

@@ -12,28 +12,16 @@ from engine.config import load_config
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
 from engine.weights import save_weights
+from tests.small import SMALL_STAGE1, SMALL_STAGE2, SMALL_WORLD, fingerprints_agree, torchrun
 from training.common import DistInfo, load_checkpoint
 from training.stage2 import Stage2Options, Stage2Trainer
 
 SMALL = [
-    "stage1.image_size=64",
-    "stage1.enc_channels=[8, 16, 16, 16, 16]",
-    "stage1.dec_channels=[16, 16, 16, 16, 8]",
-    "stage1.latent_dim=32",
-    "stage1.head_hidden=32",
-    "stage1.club_hidden=32",
-    "stage2.speech.d_model=32",
-    "stage2.speech.ffn_dim=32",
-    "stage2.speech.blocks=1",
-    "stage2.denoiser.d_model=32",
-    "stage2.denoiser.ffn_dim=32",
-    "stage2.denoiser.blocks=1",
-    "stage2.cond_dim=16",
-    "stage2.adapter_hidden=16",
+    *SMALL_STAGE1,
+    *SMALL_STAGE2,
+    *SMALL_WORLD,
     "train.stage2.batch_size=4",
     "train.stage2.log_every=1",
-    "world.identities=40",
-    "world.heldout_identities=8",
 ]
 
 
@@ -92,32 +80,13 @@ def test_stage1_config_mismatch_is_clear(tmp_path: Path, stage1_file: Path) -> N
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "-m",
-        "training.stage2",
         "--config",
         "tiny",
         "--run-dir",
         str(tmp_path),
         "--steps",
         "2",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
         "--stage1",
         str(stage1_file),
         "--extract-clips",
@@ -125,12 +94,8 @@ def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:
         "--clip-seconds",
         "2",
     ]
-    for s in SMALL:
-        args += ["--set", s]
-    env = dict(os.environ, LIVEHEAD_DDP_CHECK="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun("training.stage2", args, SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     st, _ = load_checkpoint(tmp_path / "checkpoint.pt")
     assert st["step"] == 2
-    fp = json.loads((tmp_path / "ddp_fingerprint.json").read_text())
-    assert fp["0"] == pytest.approx(fp["1"], rel=1e-6, abs=1e-6)
+    assert fingerprints_agree(tmp_path)

@@ -18,24 +18,9 @@ from engine.session_api import SAMPLES_PER_FRAME, Controls, OutputFrame
 from engine.stream import Engine, StreamSession, runtime_config
 from engine.tensors import to_uint8
 from engine.windowing import generate_offline, offline_features
+from tests.small import SMALL_STAGE1, SMALL_STAGE2
 
-SMALL = [
-    "stage1.image_size=64",
-    "stage1.enc_channels=[8, 16, 16, 16, 16]",
-    "stage1.dec_channels=[16, 16, 16, 16, 8]",
-    "stage1.latent_dim=32",
-    "stage1.head_hidden=32",
-    "stage1.club_hidden=32",
-    "stage2.speech.d_model=32",
-    "stage2.speech.ffn_dim=32",
-    "stage2.speech.blocks=1",
-    "stage2.denoiser.d_model=32",
-    "stage2.denoiser.ffn_dim=32",
-    "stage2.denoiser.blocks=1",
-    "stage2.cond_dim=16",
-    "stage2.adapter_hidden=16",
-    "stage2.sample_steps=3",
-]
+SMALL = [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3"]
 SEED = 7
 
 

@@ -4,66 +4,61 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# (group, name, module, one-line help); each module has add_args(parser) and run(args).
+COMMANDS = [
+    (
+        "train",
+        "stage1",
+        "training.stage1",
+        "train the motion representation (encoder, LMD, renderer)",
+    ),
+    (
+        "train",
+        "stage2",
+        "training.stage2",
+        "train the audio-driven motion generator (needs stage-1 weights)",
+    ),
+    ("train", "probe", "training.probe", "train the independent judge used by 'eval stage2'"),
+    (
+        "eval",
+        "stage1",
+        "training.eval_stage1",
+        "self/cross reenactment PSNR/SSIM, identity leakage, real-video PSNR",
+    ),
+    (
+        "eval",
+        "stage2",
+        "training.eval_stage2",
+        "lip-sync r, A/V offset, pose control error, diversity, long-run drift",
+    ),
+]
+GROUPS = {
+    "train": "train a stage (stage1, stage2) or the eval probe",
+    "eval": "evaluate a trained stage and print metrics",
+}
 
 
-def _run(module: str):
+def _runner(module: str):
     def go(args: argparse.Namespace) -> int:
-        import importlib
-
         return int(importlib.import_module(module).run(args) or 0)
 
     return go
 
 
-def _doc(module) -> str:
-    return (module.__doc__ or "").split("\n\n")[0]
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from training import eval_stage1, eval_stage2, probe, stage1, stage2
-
-    train = sub.add_parser("train", help="train a stage (stage1, stage2) or the eval probe")
-    tsub = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    p = tsub.add_parser(
-        "stage1",
-        help="train the motion representation (encoder, LMD, renderer)",
-        description=_doc(stage1),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    stage1.add_args(p)
-    p.set_defaults(func=_run("training.stage1"))
-    p = tsub.add_parser(
-        "stage2",
-        help="train the audio-driven motion generator (needs stage-1 weights)",
-        description=_doc(stage2),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    stage2.add_args(p)
-    p.set_defaults(func=_run("training.stage2"))
-    p = tsub.add_parser(
-        "probe",
-        help="train the independent judge used by 'livehead eval stage2'",
-        description=_doc(probe),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    probe.add_args(p)
-    p.set_defaults(func=_run("training.probe"))
-
-    ev = sub.add_parser("eval", help="evaluate a trained stage and print metrics")
-    esub = ev.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    p = esub.add_parser(
-        "stage1",
-        help="self/cross reenactment PSNR/SSIM, identity leakage, real-video PSNR",
-        description=_doc(eval_stage1),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_stage1.add_args(p)
-    p.set_defaults(func=_run("training.eval_stage1"))
-    p = esub.add_parser(
-        "stage2",
-        help="lip-sync r, A/V offset, pose control error, diversity, long-run drift",
-        description=_doc(eval_stage2),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_stage2.add_args(p)
-    p.set_defaults(func=_run("training.eval_stage2"))
+    groups = {}
+    for name, text in GROUPS.items():
+        g = sub.add_parser(name, help=text)
+        groups[name] = g.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for group, name, module, text in COMMANDS:
+        mod = importlib.import_module(module)
+        p = groups[group].add_parser(
+            name,
+            help=text,
+            description=(mod.__doc__ or "").split("\n\n")[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_args(p)
+        p.set_defaults(func=_runner(module))

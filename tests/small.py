@@ -1,0 +1,66 @@
+"""Shared pieces of the tests: small model configs (same structure as tiny, fast on CPU) and a
+torchrun launcher for the DDP tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# Stage 1 at 64², narrow widths.
+SMALL_STAGE1 = [
+    "stage1.image_size=64",
+    "stage1.enc_channels=[8, 16, 16, 16, 16]",
+    "stage1.dec_channels=[16, 16, 16, 16, 8]",
+    "stage1.latent_dim=32",
+    "stage1.head_hidden=32",
+    "stage1.club_hidden=32",
+]
+# Stage 2 with one thin block per Conformer.
+SMALL_STAGE2 = [
+    "stage2.speech.d_model=32",
+    "stage2.speech.ffn_dim=32",
+    "stage2.speech.blocks=1",
+    "stage2.denoiser.d_model=32",
+    "stage2.denoiser.ffn_dim=32",
+    "stage2.denoiser.blocks=1",
+    "stage2.cond_dim=16",
+    "stage2.adapter_hidden=16",
+]
+# A small synthetic world split.
+SMALL_WORLD = ["world.identities=40", "world.heldout_identities=8"]
+
+
+def torchrun(module: str, args: list[str], overrides: list[str], timeout: int = 300):
+    """Run ``python -m module`` under torchrun with 2 CPU (gloo) processes and the DDP check
+    hook on; returns the CompletedProcess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        module,
+        *args,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, LIVEHEAD_DDP_CHECK="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fingerprints_agree(run_dir: Path) -> bool:
+    import json
+
+    fp = json.loads((run_dir / "ddp_fingerprint.json").read_text())
+    return abs(fp["0"] - fp["1"]) <= 1e-6 * max(1.0, abs(fp["0"]))
