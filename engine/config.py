@@ -325,6 +325,20 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def add_config_args(parser: Any, example: str = "stage1.latent_dim=256") -> None:
+    """``--config NAME|PATH`` (default tiny) and repeatable ``--set KEY=VALUE`` (dest
+    ``override``) on an argparse parser; pass them on as ``load_config(a.config, a.override)``."""
+    parser.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
+    parser.add_argument(
+        "--set",
+        dest="override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+
+
 def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
     """Load a TOML config (a name in ``configs/`` or a path) and apply dotted overrides."""
     path = resolve_config_path(name_or_path)

@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.config import add_config_args
+
 DEFAULT_AVATAR = Path("weights/avatar.png")
 
 
@@ -22,15 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stream a talking head: browsers send their microphone and get the avatar "
         "back; voice agents push PCM over /ws. See server/PROTOCOL.md.",
     )
-    p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
-    p.add_argument(
-        "--set",
-        dest="override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. server.max_sessions=2 (repeatable)",
-    )
+    add_config_args(p, example="server.max_sessions=2")
     p.add_argument(
         "--avatar",
         help="portrait image (default: weights/avatar.png if it exists, "

@@ -13,21 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
+from engine.config import add_config_args
 from engine.errors import UserError
 
 CLI_STREAM = 3  # SeedSequence tag for the CLI's choice of identities and clip seeds
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
-    p.add_argument(
-        "--set",
-        dest="override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set world.seed=3 (repeatable)",
-    )
+    add_config_args(p, example="world.seed=3")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

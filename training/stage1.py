@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.config import Config, load_config
+from engine.config import Config, add_config_args, load_config
 from engine.errors import UserError
 from engine.models.stage1 import CLUB, ArcMarginProduct, Discriminator, Stage1Model
 from engine.weights import save_weights
@@ -386,8 +386,7 @@ def train(cfg: Config, opts: Stage1Options) -> Stage1Trainer:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
-    p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(p)
     p.add_argument(
         "--run-dir", dest="run", default="runs/stage1", help="run directory (checkpoint, metrics)"
     )

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.config import Config, load_config
+from engine.config import Config, add_config_args, load_config
 from engine.diffusion import DiffusionSchedule
 from engine.errors import UserError
 from engine.models.stage2 import Stage2Nets
@@ -218,8 +218,7 @@ class Stage2Trainer:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="config name in configs/ or a .toml path")
-    p.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(p)
     p.add_argument("--run-dir", dest="run", default="runs/stage2", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--steps", type=int, default=None, help="stop at this global step")
