@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := espeak-ng sox libportaudio2 chromium chromium-driver iproute2
+APT_PACKAGES := espeak-ng sox libportaudio2 chromium chromium-driver firefox-esr iproute2 \
+                pulseaudio pulseaudio-utils libasound2-plugins
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 

@@ -153,6 +153,9 @@ class ServerConfig:
     ice_addresses: list[str] = field(default_factory=list)  # restrict ICE host candidates
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none: host only
     cors_origins: list[str] = field(default_factory=list)  # none: no CORS headers at all
+    # Host names this server answers to besides loopback names and IP literals (DNS-rebinding
+    # defence when no token is set; with a token every Host is accepted). "*": any.
+    allowed_hosts: list[str] = field(default_factory=list)
     standin_size: int = 256  # frame size of the stand-in session (--standin)
 
 

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -115,6 +116,29 @@ def check_bind(host: str, token: str | None) -> None:
             f"refusing to listen on {host} without a token: pass --token or set LIVEHEAD_TOKEN "
             "(publishing and uploads then need 'Authorization: Bearer <token>')"
         )
+
+
+def host_allowed(host: str | None, allowed: list[str]) -> bool:
+    """DNS-rebinding defence: may a request with this ``Host`` header be served?
+
+    Loopback names and IP literals always; other names only when listed in ``allowed`` (or
+    ``allowed`` holds "*"). A page on evil.example whose name is made to resolve to 127.0.0.1
+    sends ``Host: evil.example`` and is refused."""
+    if "*" in allowed:
+        return True
+    try:
+        name = urlsplit("//" + (host or "")).hostname
+    except ValueError:
+        return False
+    if not name:
+        return False
+    if name in LOOPBACK_HOSTS or name.endswith(".localhost") or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def same_origin(origin: str, host: str | None) -> bool:
@@ -269,6 +293,7 @@ class LiveheadServer:
         self, request: web.Request, handler: Callable
     ) -> web.StreamResponse:
         try:
+            self._check_host(request)
             self._check_origin(request)
             resp = await handler(request)
         except ServerError as e:
@@ -290,6 +315,17 @@ class LiveheadServer:
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Expose-Headers"] = "Location"
             resp.headers["Vary"] = "Origin"
+
+    def _check_host(self, request: web.Request) -> None:
+        """Without a token, answer only to loopback names, IP literals and
+        ``server.allowed_hosts`` (DNS rebinding would otherwise let any web page reach a
+        loopback server as its own origin). With a token every ``Host`` is served."""
+        if self.token is None and not host_allowed(request.host, self.scfg.allowed_hosts):
+            raise ServerError(
+                403,
+                f"unknown Host {request.host!r}: open this server by 127.0.0.1/localhost or an IP "
+                "address, or list the name in server.allowed_hosts",
+            )
 
     def _check_origin(self, request: web.Request) -> None:
         """A web page elsewhere must not drive this server: a browser's POST/DELETE/PATCH and
@@ -571,6 +607,9 @@ class LiveheadServer:
     # WebRTC signaling
     # ---------------------------------------------------------------------------------------
     async def _offer(self, request: web.Request) -> web.Response:
+        # Not a "simple" CORS type: a page elsewhere cannot send it without asking first.
+        if request.content_type != "application/json":
+            raise ServerError(415, "POST /offer needs Content-Type: application/json")
         body = await self._read_body(
             request, self.scfg.max_sdp_bytes + 4096, "offer", "server.max_sdp_bytes"
         )

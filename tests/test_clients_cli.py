@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -128,6 +134,99 @@ def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
         for lag in (-1, 0, 1)
     }
     assert len(o) > 40 and corr[0] > 0.9 and corr[0] > max(corr[-1], corr[1]), (len(o), corr)
+
+
+@pytest.fixture
+def virtual_mic(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real capture device for PortAudio: a private PulseAudio daemon with a null sink whose
+    monitor is the default source, reached through ALSA's pulse plugin (~/.asoundrc), while
+    paplay plays tone bursts (period 0.46 s) into the sink at real-time pace. Yields the
+    environment a client process needs to see it."""
+    for tool in ("pulseaudio", "paplay", "pactl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"no {tool} (apt-get install -y pulseaudio pulseaudio-utils)")
+    try:
+        import sounddevice  # noqa: F401
+    except (ImportError, OSError) as e:
+        pytest.skip(f"no PortAudio: {e}")
+    home = tmp_path / "home"
+    run = home / "run"
+    run.mkdir(parents=True)
+    run.chmod(0o700)
+    (home / ".asoundrc").write_text("pcm.!default { type pulse }\nctl.!default { type pulse }\n")
+    env = dict(os.environ, HOME=str(home), XDG_RUNTIME_DIR=str(run))
+    wav = write_wav(tmp_path / "bursts.wav", bursts(30.0, 48000, period_s=0.46), 48000)
+    daemon = subprocess.Popen(
+        [
+            "pulseaudio",
+            "--daemonize=no",
+            "-n",
+            "--exit-idle-time=-1",
+            "-L",
+            "module-native-protocol-unix",
+            "-L",
+            "module-null-sink sink_name=lhmic rate=48000 channels=1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    player = None
+    try:
+        for _ in range(100):
+            if subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        subprocess.run(["pactl", "set-default-source", "lhmic.monitor"], env=env, check=True)
+        player = subprocess.Popen(["paplay", "-d", "lhmic", str(wav)], env=env)
+        yield env
+    finally:
+        for proc in (player, daemon):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+
+
+def test_mic_client_with_a_real_input_device(virtual_mic: dict[str, str], tmp_path: Path) -> None:
+    """The sounddevice/PortAudio path end to end: `livehead client mic` (a subprocess, so
+    PortAudio starts in the virtual microphone's environment) hears the tone bursts, and the
+    avatar it records opens and closes its mouth with them."""
+    out = tmp_path / "mic.mp4"
+
+    async def scenario() -> tuple[int, str]:
+        async with running_server() as (_, base):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "livehead",
+                "client",
+                "mic",
+                "--url",
+                base,
+                "--ice-address",
+                "127.0.0.1",
+                "--seconds",
+                "5",
+                "--record",
+                str(out),
+                env=virtual_mic,
+                cwd=str(Path(__file__).resolve().parents[1]),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            text, _ = await asyncio.wait_for(proc.communicate(), 90)
+            return proc.returncode or 0, text.decode()
+
+    code, text = asyncio.run(scenario())
+    assert code == 0, text
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    opening = np.array([mouth_openness(img) for img in frames])
+    assert len(frames) > 50, len(frames)
+    # Bursts on for 0.23 s, off for 0.23 s: the mouth opens and closes again and again.
+    is_open = opening > 0.5 * opening.max()
+    changes = int(np.count_nonzero(np.diff(is_open.astype(int))))
+    assert opening.max() > 0.2 and changes >= 8, np.round(opening, 2).tolist()
 
 
 def test_client_errors_are_one_line(tmp_path: Path, speech: Path) -> None:

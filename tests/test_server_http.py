@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.errors import UserError
-from server.app import ServerError, check_bind, parse_controls, same_origin
+from server.app import ServerError, check_bind, host_allowed, parse_controls, same_origin
 from tests.test_server_support import http, png_bytes, running_server
 
 FAKE_SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -29,7 +29,8 @@ def test_malformed_and_huge_offers_are_refused() -> None:
     async def scenario() -> None:
         async with running_server() as (server, base):
             cases = [
-                (dict(data=b"not json"), 400, "JSON"),
+                (dict(data=b"not json", headers={"Content-Type": "application/json"}), 400, "JSON"),
+                (dict(data=b"{}", headers={"Content-Type": "text/plain"}), 415, "application/json"),
                 (dict(json={"type": "offer"}), 400, "sdp"),
                 (dict(json={"sdp": "hello", "type": "offer"}), 400, "v=0"),
                 (dict(json={"sdp": FAKE_SDP, "type": "answer"}), 400, "offer"),
@@ -314,6 +315,36 @@ def test_cross_site_requests_are_refused() -> None:
             await ws.close()
 
     asyncio.run(scenario())
+
+
+def test_dns_rebinding_is_refused_without_a_token() -> None:
+    """A page on evil.example whose name resolves to 127.0.0.1 is its own origin: only the
+    Host header tells it apart. Loopback names and IP literals pass; other names need
+    server.allowed_hosts, or a token (then every Host is served)."""
+
+    async def scenario() -> None:
+        async with running_server(['server.allowed_hosts=["avatar.lan"]']) as (server, base):
+            port = base.rsplit(":", 1)[1]
+            rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+            for method, path, kwargs in (
+                ("GET", "/", {}),
+                ("GET", "/metrics", {}),
+                ("POST", "/control", dict(json={"type": "interrupt"})),
+            ):
+                code, body, _ = await http(method, base + path, headers=rebound, **kwargs)
+                assert code == 403 and "allowed_hosts" in body["error"], (path, body)
+            for host in (f"localhost:{port}", f"avatar.lan:{port}", f"10.0.0.2:{port}"):
+                code, _, _ = await http("GET", base + "/health", headers={"Host": host})
+                assert code == 200, host
+            assert not server.rooms
+        async with running_server(token="s3cret") as (_, base):
+            code, _, _ = await http("GET", base + "/health", headers={"Host": "avatar.example"})
+            assert code == 200
+
+    asyncio.run(scenario())
+    assert host_allowed("[::1]:8080", []) and host_allowed("app.localhost", [])
+    assert host_allowed("anything.example", ["*"])
+    assert not host_allowed("", []) and not host_allowed("127.0.0.1.evil.example", [])
 
 
 def test_same_origin_rule() -> None:

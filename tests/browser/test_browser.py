@@ -1,12 +1,15 @@
-"""Headless Chromium <-> livehead serve, inside a private network namespace.
+"""Headless Chromium and Firefox <-> livehead serve, inside a private network namespace.
 
-The page (clients/web) autostarts as presenter with Chromium's fake microphone (a WAV of tone
-bursts); its own getStats overlay must show decoded frames, and a screenshot of the video must
-show the (stand-in) face."""
+The page (clients/web) autostarts as presenter with the browser's fake microphone (Chromium: a
+WAV of tone bursts; Firefox: its built-in tone); its own getStats overlay must show decoded
+frames, and a screenshot of the video must show the (stand-in) face. Chromium is driven over
+the DevTools protocol (cdp_driver.py), Firefox over WebDriver BiDi (bidi_driver.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ import pytest
 from PIL import Image
 
 from server.standin import placeholder_face
+from tests.browser.conftest import CHROMIUM
 from tests.test_server_support import bursts, write_wav
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,8 +33,19 @@ def _in_ns(ns: str, *cmd: str, **kw) -> subprocess.Popen:  # noqa: ANN003
     return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], **kw)
 
 
+def _firefox() -> str | None:
+    return (
+        os.environ.get("LIVEHEAD_FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
+    )
+
+
 @pytest.mark.browser
-def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_browser_presenter_sees_the_face(browser: str, netns: str, tmp_path: Path) -> None:
+    if browser == "chromium" and not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+    if browser == "firefox" and _firefox() is None:
+        pytest.skip("no firefox (apt-get install -y firefox-esr)")
     wav = write_wav(tmp_path / "mic.wav", bursts(4.0, 48000), 48000)
     avatar = tmp_path / "face.png"  # a known face (weights/avatar.png may hold another)
     Image.fromarray(placeholder_face(256)).save(avatar)
@@ -75,14 +90,15 @@ def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
             time.sleep(0.2)
         shot = tmp_path / "video.png"
         url = f"http://127.0.0.1:{PORT}/?mode=presenter&autostart=1"
+        if browser == "chromium":
+            args = ["cdp_driver.py", url, str(wav), str(shot), str(tmp_path / "profile")]
+        else:
+            args = ["bidi_driver.py", url, str(shot), str(tmp_path / "profile")]
         driver = _in_ns(
             netns,
             sys.executable,
-            str(REPO / "tests/browser/cdp_driver.py"),
-            url,
-            str(wav),
-            str(shot),
-            str(tmp_path / "profile"),
+            str(REPO / "tests/browser" / args[0]),
+            *args[1:],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -116,7 +132,7 @@ def test_browser_presenter_sees_the_face(netns: str, tmp_path: Path) -> None:
     assert img.std() > 20
     skin = np.all(np.abs(img - SKIN) < 30, axis=-1)
     assert skin.mean() > 0.05, skin.mean()
-    print(f"screenshot: {shot}; page stats: {stats}")
+    print(f"{browser} {result.get('browser', '')}: screenshot {shot}; page stats: {stats}")
 
 
 def test_page_is_served_without_a_browser() -> None:
