@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -28,7 +28,7 @@ from engine.models.stage1 import Stage1Model
 from engine.models.stage2 import Stage2Nets
 from engine.windowing import Stage2Backend
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
 RENDER_DTYPES = ("fp32", "bf16")
 
 
@@ -169,16 +169,32 @@ def make_backends(
     device: str = "cpu",
     render_dtype: str = "fp32",
     channels_last: bool = True,
-) -> tuple[Stage1Backend, Stage2Backend]:
-    """The runners for one backend name (only "torch" so far)."""
-    if backend != "torch":
-        raise UserError(
-            f"backend '{backend}' is not available in this build (available: {', '.join(BACKENDS)})"
+    *,
+    plan: dict[str, int] | None = None,
+    onnx_dir: str | None = None,
+    threads: int = 0,
+) -> tuple[Stage1Backend, Stage2Backend, dict[str, Any]]:
+    """The runners for one backend name, and facts about them (for reports).
+
+    "torch": PyTorch on ``device``. "onnx": ONNX Runtime (CPU) over the graphs that
+    ``livehead export onnx`` wrote for exactly these networks and window ``plan`` (in
+    ``onnx_dir``, default: the cache directory of their fingerprint)."""
+    if backend == "torch":
+        return (
+            TorchStage1(stage1, device, render_dtype, channels_last),
+            TorchStage2(stage2, device),
+            {},
         )
-    return (
-        TorchStage1(stage1, device, render_dtype, channels_last),
-        TorchStage2(stage2, device),
-    )
+    if backend == "onnx":
+        if check_device(device).type != "cpu":
+            raise UserError("backend 'onnx' runs on the CPU here; use --device cpu")
+        if render_dtype != "fp32":
+            raise UserError("backend 'onnx' runs the exported fp32 graphs: stream.render_dtype")
+        from engine.backends_ort import ort_backends
+
+        s1, s2, manifest = ort_backends(stage1, stage2, plan or {}, onnx_dir, threads)
+        return s1, s2, {"onnx_dir": manifest["dir"], "onnx_parity": manifest.get("parity")}
+    raise UserError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def _render(args: argparse.Namespace) -> int:
         args.checkpoint,
         config=args.config,
         overrides=overrides,
+        backend=args.backend,
         device=args.device,
         threads=args.threads,
     )
@@ -110,6 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument("--checkpoint", default=None, help="stage-2 safetensors (default: bundled)")
     p.add_argument("--stage1", default=None, help="stage-1 safetensors (default: bundled)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="torch or onnx (after 'livehead export onnx'; default: stream.backend)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: stream.device)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (0: default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -102,7 +102,8 @@ class Stage2Config:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class StreamConfig:
-    backend: str = "torch"  # "torch", "onnx", "tensorrt"
+    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime over `livehead export onnx`)
+    onnx_dir: str = ""  # backend "onnx": the export's directory ("": the weights' cache dir)
     device: str = "cpu"
     threads: int = 0  # 0: let the backend decide
     video_queue_frames: int = 4

@@ -119,6 +119,20 @@ def runtime_config(model_cfg: Config, base: Config, overrides: list[str] | None 
     return cfg
 
 
+def plan_dict(cfg: Config) -> dict[str, int]:
+    """The window plan of ``cfg`` as plain numbers (the shapes exported stage-2 graphs have)."""
+    plan = WindowPlan.from_config(
+        cfg.stage2, LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
+    )
+    return {
+        "window_frames": plan.window_frames,
+        "prefix_frames": plan.prefix_frames,
+        "lookahead_frames": plan.lookahead_frames,
+        "context_frames": plan.context_frames,
+        "feature_frames_per_video_frame": plan.feature_frames_per_video_frame,
+    }
+
+
 def _is_real(v: object) -> bool:
     """A real number (numpy scalars included), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
@@ -292,8 +306,18 @@ class Engine:
                 stream=dict(to_dict(st), backend=backend, device=device, threads=threads),
             )
         )
-        s1b, s2b = make_backends(stage1, stage2, backend, device, st.render_dtype, st.channels_last)
-        return cls(s1b, s2b, cfg, info)
+        s1b, s2b, facts = make_backends(
+            stage1,
+            stage2,
+            backend,
+            device,
+            st.render_dtype,
+            st.channels_last,
+            plan=plan_dict(cfg),
+            onnx_dir=st.onnx_dir or None,
+            threads=threads,
+        )
+        return cls(s1b, s2b, cfg, dict(info or {}, backend=backend, **facts))
 
     @classmethod
     def random(cls, cfg: Config, seed: int = 0, **kwargs: Any) -> Engine:

@@ -1,0 +1,124 @@
+"""ONNX export and the ONNX Runtime backend: parity with PyTorch per graph, the same stream as
+offline rendering through ONNX Runtime, stale or missing exports refused. Small random
+networks at 64² (export takes a few seconds per graph)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from engine.backends_ort import model_fingerprint  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.models.stage1 import Stage1Model  # noqa: E402
+from engine.models.stage2 import Stage2Nets  # noqa: E402
+from engine.render import render_frames  # noqa: E402
+from engine.stream import Engine, plan_dict  # noqa: E402
+from export.onnx import export_onnx  # noqa: E402
+from tests.small import SMALL_STAGE1, SMALL_STAGE2  # noqa: E402
+from tests.test_stream import speechy, stream  # noqa: E402
+
+SMALL = [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3"]
+AUDIO = speechy(16000 + 1000, seed=4)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    cfg = load_config("tiny", SMALL)
+    torch.manual_seed(0)
+    m1 = Stage1Model(cfg.stage1).eval()
+    m1.lmd.freeze()
+    nets = Stage2Nets.from_config(cfg).eval()
+    nets.normalizer.half_range.fill_(3.0)  # varied motion from random weights (test_stream)
+    return m1, nets, cfg
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    m1, nets, cfg = models
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    manifest = export_onnx(m1, nets, plan_dict(cfg), out)
+    return out, manifest
+
+
+def test_export_writes_graphs_and_a_manifest_with_parity(exported, models) -> None:
+    out, manifest = exported
+    m1, nets, cfg = models
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{g}.onnx" for g in manifest["graphs"]] + ["manifest.json"]), names
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["model_fingerprint"] == model_fingerprint(m1, nets, plan_dict(cfg))
+    parity = manifest["parity"]["max_abs"]
+    assert set(parity) == set(manifest["graphs"])
+    assert all(0 <= v < 1e-4 for v in parity.values()), parity
+
+
+def _engines(models, onnx_dir: Path) -> tuple[Engine, Engine]:
+    m1, nets, cfg = models
+    torch_engine = Engine.from_models(m1, nets, cfg, backend="torch")
+    cfg_onnx = load_config("tiny", [*SMALL, f"stream.onnx_dir={onnx_dir}"])
+    onnx_engine = Engine.from_models(m1, nets, cfg_onnx, backend="onnx", threads=1)
+    return torch_engine, onnx_engine
+
+
+def test_onnx_backend_streams_like_offline_and_like_torch(exported, models) -> None:
+    out, _ = exported
+    torch_engine, onnx_engine = _engines(models, out)
+    assert onnx_engine.info["backend"] == "onnx" and onnx_engine.info["onnx_dir"] == str(out)
+    rng = np.random.default_rng(1)
+    portrait = rng.integers(0, 256, (80, 64, 3), dtype=np.uint8)
+    av_onnx = onnx_engine.prepare_avatar(portrait)
+    av_torch = torch_engine.prepare_avatar(portrait)
+    assert torch.allclose(av_onnx.h.cpu(), av_torch.h.cpu(), atol=1e-4)
+    n = AUDIO.shape[0]
+    offline = list(render_frames(onnx_engine, av_onnx, AUDIO, seed=3))
+    for step in (160, 5328):
+        chunks = [step] * (-(-n // step))
+        streamed = stream(onnx_engine.session(av_onnx, seed=3), AUDIO, chunks)
+        # The same backend, the same shapes: the stream equals offline rendering exactly.
+        assert np.array_equal(
+            np.stack([f.meta["alpha"] for f in streamed]),
+            np.stack([f.meta["alpha"] for f in offline]),
+        )
+        assert np.array_equal(
+            np.stack([f.image for f in streamed]), np.stack([f.image for f in offline])
+        )
+    # Against PyTorch: the same motion within export tolerance (8-bit images within 2 levels).
+    ref = list(render_frames(torch_engine, av_torch, AUDIO, seed=3))
+    a_onnx = np.stack([f.meta["alpha"] for f in offline])
+    a_torch = np.stack([f.meta["alpha"] for f in ref])
+    assert a_onnx.shape == a_torch.shape and np.std(a_torch, axis=0).max() > 0
+    assert np.abs(a_onnx - a_torch).max() < 1e-3, np.abs(a_onnx - a_torch).max()
+    diff = np.abs(
+        np.stack([f.image for f in offline]).astype(int) - np.stack([f.image for f in ref])
+    )
+    assert diff.max() <= 2, diff.max()
+
+
+def test_stale_or_missing_exports_are_refused(exported, models, tmp_path: Path) -> None:
+    out, _ = exported
+    m1, nets, cfg = models
+    with pytest.raises(UserError, match="no ONNX export"):
+        _engines(models, tmp_path / "nothing")
+    # Other weights: one number changed.
+    nets2 = Stage2Nets.from_config(cfg).eval()
+    nets2.load_state_dict(nets.state_dict())
+    with torch.no_grad():
+        nets2.denoiser.out.bias.add_(0.01)
+    cfg_onnx = load_config("tiny", [*SMALL, f"stream.onnx_dir={out}"])
+    with pytest.raises(UserError, match="other weights"):
+        Engine.from_models(m1, nets2, cfg_onnx, backend="onnx")
+    # Another window plan (the stage-2 graphs have its shapes).
+    cfg_plan = load_config("tiny", [*SMALL, f"stream.onnx_dir={out}", "stage2.window_frames=4"])
+    with pytest.raises(UserError, match="other weights or plan"):
+        Engine.from_models(m1, nets, cfg_plan, backend="onnx")
+    with pytest.raises(UserError, match="unknown backend"):
+        Engine.from_models(m1, nets, cfg, backend="tensorflow")
