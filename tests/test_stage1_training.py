@@ -132,3 +132,42 @@ def test_export_raw_or_ema_weights_from_a_run(tmp_path: Path) -> None:
         )
         assert run(args) == 0
         assert json.loads(read_metadata(out)["meta"])["weights"] == which
+
+
+def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> None:
+    """A run stopped by SIGTERM (a session ending, `kill`) saves its last finished step, so
+    --resume loses nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "livehead", "train", "stage1", "--config", "tiny"]
+    for o in (*SMALL, "train.stage1.log_every=1", "train.stage1.ckpt_every=100000"):
+        cmd += ["--set", o]
+    cmd += ["--run-dir", str(run), "--steps", "100000", "--threads", "1", "--device", "cpu"]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no training steps within 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out
+    state, _ = load_checkpoint(run / "checkpoint.pt")
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert state["step"] == logged[-1] >= 2
+    assert (run / "stage1.safetensors").exists()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,37 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+class StopRequest:
+    """SIGTERM/SIGINT during a single-process run: finish the current step, checkpoint, exit
+    (a run stopped this way resumes exactly with --resume, losing nothing). Under torchrun the
+    default handling stays (ranks must stop at the same step). Use as a context manager."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -34,6 +34,7 @@ from training.common import (
     EMA,
     DistInfo,
     MetricsLog,
+    StopRequest,
     allreduce_grads,
     cleanup_distributed,
     init_distributed,
@@ -345,25 +346,29 @@ class Stage1Trainer:
             dynamic_ncols=True,
         )
         t0, n0 = time.time(), self.step
-        while self.step < total:
-            logs = self.train_step()
-            bar.update(1)
-            if self.step % self.t.log_every == 0 or self.step == total:
-                dt = time.time() - t0
-                sps = (self.step - n0) * self.t.batch_size * self.dist.world_size / max(dt, 1e-9)
-                logs["samples_per_s"] = sps
-                self.log.log(self.step, logs)
-                bar.set_postfix(
-                    l1=f"{logs['l1']:.3f}",
-                    psnr=f"{logs['psnr']:.1f}",
-                    copy=f"{logs['psnr_copy']:.1f}",
-                    sps=f"{sps:.1f}",
-                )
-                t0, n0 = time.time(), self.step
-            if self.step % self.t.ckpt_every == 0 or self.step == total:
-                self.save()
-            if self.opts.export_every and self.step % self.opts.export_every == 0:
-                self.export(self.opts.run_dir / "stage1.safetensors")
+        stop = StopRequest(enabled=not self.dist.enabled)
+        with stop:
+            while self.step < total and not stop.requested:
+                logs = self.train_step()
+                bar.update(1)
+                if self.step % self.t.log_every == 0 or self.step == total:
+                    dt = time.time() - t0
+                    sps = (
+                        (self.step - n0) * self.t.batch_size * self.dist.world_size / max(dt, 1e-9)
+                    )
+                    logs["samples_per_s"] = sps
+                    self.log.log(self.step, logs)
+                    bar.set_postfix(
+                        l1=f"{logs['l1']:.3f}",
+                        psnr=f"{logs['psnr']:.1f}",
+                        copy=f"{logs['psnr_copy']:.1f}",
+                        sps=f"{sps:.1f}",
+                    )
+                    t0, n0 = time.time(), self.step
+                if self.step % self.t.ckpt_every == 0 or self.step == total:
+                    self.save()
+                if self.opts.export_every and self.step % self.opts.export_every == 0:
+                    self.export(self.opts.run_dir / "stage1.safetensors")
         bar.close()
         self.save()
         self.export(self.opts.run_dir / "stage1.safetensors")

@@ -35,6 +35,7 @@ from training.common import (
     EMA,
     DistInfo,
     MetricsLog,
+    StopRequest,
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
@@ -198,18 +199,20 @@ class Stage2Trainer:
         total = self.opts.steps if self.opts.steps is not None else self.t.steps
         bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc="stage2")
         t0, n0 = time.time(), self.step
-        while self.step < total:
-            logs = self.train_step()
-            bar.update(1)
-            if self.step % self.t.log_every == 0 or self.step == total:
-                dt = max(time.time() - t0, 1e-9)
-                logs["windows_per_s"] = (self.step - n0) * self.t.batch_size / dt
-                self.log.log(self.step, logs)
-                bar.set_postfix(diff=f"{logs['diffusion']:.4f}", adapt=f"{logs['adapter']:.4f}")
-                t0, n0 = time.time(), self.step
-            if self.step % self.t.ckpt_every == 0:
-                self.save()
-                self.export(self.opts.run_dir / "stage2.safetensors")
+        stop = StopRequest(enabled=not self.dist.enabled)
+        with stop:
+            while self.step < total and not stop.requested:
+                logs = self.train_step()
+                bar.update(1)
+                if self.step % self.t.log_every == 0 or self.step == total:
+                    dt = max(time.time() - t0, 1e-9)
+                    logs["windows_per_s"] = (self.step - n0) * self.t.batch_size / dt
+                    self.log.log(self.step, logs)
+                    bar.set_postfix(diff=f"{logs['diffusion']:.4f}", adapt=f"{logs['adapter']:.4f}")
+                    t0, n0 = time.time(), self.step
+                if self.step % self.t.ckpt_every == 0:
+                    self.save()
+                    self.export(self.opts.run_dir / "stage2.safetensors")
         bar.close()
         self.save()
         self.export(self.opts.run_dir / "stage2.safetensors")
