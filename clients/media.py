@@ -167,6 +167,10 @@ class Mp4Recorder:
             format="fltp", layout=self._astream.layout.name, rate=audio_rate, frame_size=1024
         )
         self._vstream: av.VideoStream | None = None
+        # Nothing is muxed before the video stream exists: the container's header is written
+        # at the first mux, and a stream added after it is never set up (libavformat then
+        # divides by its zero time base: SIGFPE). Audio that comes first waits here.
+        self._pending_audio: list[np.ndarray] = []
         self._fps = fps
         self._last_vpts = -1
         self._audio_samples = 0
@@ -183,6 +187,9 @@ class Mp4Recorder:
             s.codec_context.time_base = fractions.Fraction(1, 90000)
             s.options = {"preset": "veryfast", "tune": "zerolatency"}
             self._vstream = s
+            pending, self._pending_audio = self._pending_audio, []
+            for pcm in pending:
+                self._write_audio(pcm)
         pts = int(round(t_s * 90000))
         if pts <= self._last_vpts:
             return  # repeated or reordered timestamp: keep the stream monotonic
@@ -198,7 +205,13 @@ class Mp4Recorder:
 
     def audio(self, pcm: np.ndarray) -> None:
         """pcm: (N,) or (N, C) int16, appended to the audio timeline."""
-        pcm = np.asarray(pcm, dtype=np.int16)
+        pcm = np.array(pcm, dtype=np.int16)  # a copy: pending audio must not change
+        if self._vstream is None:
+            self._pending_audio.append(pcm)
+        else:
+            self._write_audio(pcm)
+
+    def _write_audio(self, pcm: np.ndarray) -> None:
         if pcm.ndim == 1:
             pcm = pcm[:, None]
         if pcm.shape[1] != self._achannels:
@@ -223,6 +236,9 @@ class Mp4Recorder:
                 self._container.mux(packet)
 
     def close(self) -> None:
+        for pcm in self._pending_audio:  # no video came at all: an audio-only file
+            self._write_audio(pcm)
+        self._pending_audio = []
         self._encode_audio(self._resampler.resample(None))
         for packet in self._astream.encode(None):
             self._container.mux(packet)
