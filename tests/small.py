@@ -33,6 +33,27 @@ SMALL_STAGE2 = [
 SMALL_WORLD = ["world.identities=40", "world.heldout_identities=8"]
 
 
+def small_models(extra: list[str] | None = None):  # noqa: ANN201 - (Stage1Model, Stage2Nets, Config)
+    """Random small networks (seed 0, eval mode, LMD frozen) and their config ("tiny" with
+    SMALL_STAGE1 + SMALL_STAGE2 + 3 DDIM steps + ``extra``). The α normaliser is widened:
+    random weights saturate α at the clamp otherwise, and the motion would not move."""
+    import torch
+
+    from engine.config import load_config
+    from engine.models.stage1 import Stage1Model
+    from engine.models.stage2 import Stage2Nets
+
+    cfg = load_config(
+        "tiny", [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3", *(extra or [])]
+    )
+    torch.manual_seed(0)
+    m1 = Stage1Model(cfg.stage1).eval()
+    m1.lmd.freeze()
+    nets = Stage2Nets.from_config(cfg).eval()
+    nets.normalizer.half_range.fill_(3.0)
+    return m1, nets, cfg
+
+
 def torchrun(module: str, args: list[str], overrides: list[str], timeout: int = 300):
     """Run ``python -m module`` under torchrun with 2 CPU (gloo) processes and the DDP check
     hook on; returns the CompletedProcess."""

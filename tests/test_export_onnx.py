@@ -17,12 +17,11 @@ pytest.importorskip("onnxscript")
 from engine.backends_ort import model_fingerprint  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.models.stage1 import Stage1Model  # noqa: E402
 from engine.models.stage2 import Stage2Nets  # noqa: E402
 from engine.render import render_frames  # noqa: E402
 from engine.stream import Engine, plan_dict  # noqa: E402
 from export.onnx import export_onnx  # noqa: E402
-from tests.small import SMALL_STAGE1, SMALL_STAGE2  # noqa: E402
+from tests.small import SMALL_STAGE1, SMALL_STAGE2, small_models  # noqa: E402
 from tests.test_stream import speechy, stream  # noqa: E402
 
 SMALL = [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3"]
@@ -32,13 +31,7 @@ AUDIO = speechy(16000 + 1000, seed=4)
 @pytest.fixture(scope="module")
 def models():
     torch.set_num_threads(1)
-    cfg = load_config("tiny", SMALL)
-    torch.manual_seed(0)
-    m1 = Stage1Model(cfg.stage1).eval()
-    m1.lmd.freeze()
-    nets = Stage2Nets.from_config(cfg).eval()
-    nets.normalizer.half_range.fill_(3.0)  # varied motion from random weights (test_stream)
-    return m1, nets, cfg
+    return small_models()
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,9 @@ import torch
 
 from clients.bench import bench
 from clients.ws import push_file
-from engine.config import load_config
-from engine.models.stage1 import Stage1Model
-from engine.models.stage2 import Stage2Nets
 from engine.stream import Engine
 from engine.weights import DEFAULT_STAGE1, DEFAULT_STAGE2
-from tests.small import SMALL_STAGE1, SMALL_STAGE2
+from tests.small import small_models
 from tests.test_server_support import bursts, running_server, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def engine_factory():
     torch.set_num_threads(1)
-    cfg = load_config("tiny", [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3"])
-    torch.manual_seed(0)
-    m1 = Stage1Model(cfg.stage1).eval()
-    m1.lmd.freeze()
-    nets = Stage2Nets.from_config(cfg).eval()
-    engine = Engine.from_models(m1, nets, cfg)
+    engine = Engine.from_models(*small_models())
 
     def factory(avatar_rgb: np.ndarray):
         return engine.session(engine.prepare_avatar(avatar_rgb))

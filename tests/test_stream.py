@@ -11,14 +11,12 @@ import torch
 
 from engine.config import load_config
 from engine.errors import UserError
-from engine.models.stage1 import Stage1Model
-from engine.models.stage2 import Stage2Nets
 from engine.render import render_frames
 from engine.session_api import SAMPLES_PER_FRAME, Controls, OutputFrame
 from engine.stream import Engine, StreamSession, runtime_config
 from engine.tensors import to_uint8
 from engine.windowing import generate_offline, offline_features
-from tests.small import SMALL_STAGE1, SMALL_STAGE2
+from tests.small import SMALL_STAGE1, SMALL_STAGE2, small_models
 
 SMALL = [*SMALL_STAGE1, *SMALL_STAGE2, "stage2.sample_steps=3"]
 SEED = 7
@@ -35,13 +33,7 @@ def speechy(n: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     torch.set_num_threads(1)
-    cfg = load_config("tiny", SMALL)
-    torch.manual_seed(0)
-    m1 = Stage1Model(cfg.stage1).eval()
-    m1.lmd.freeze()
-    nets = Stage2Nets.from_config(cfg).eval()
-    # Random weights saturate α at the clamp; a wider normaliser gives varied motion.
-    nets.normalizer.half_range.fill_(3.0)
+    m1, nets, cfg = small_models()
     return Engine.from_models(m1, nets, cfg)
 
 

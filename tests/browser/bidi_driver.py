@@ -17,13 +17,12 @@ import base64
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import websockets
+from driver_common import run_browser  # a sibling: the drivers run as scripts
 
 FIREFOX = os.environ.get("LIVEHEAD_FIREFOX") or shutil.which("firefox-esr") or "firefox"
 AGENT_PORT = 9334
@@ -144,20 +143,7 @@ def main() -> None:
         "--height=800",
         "about:blank",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        result = asyncio.run(asyncio.wait_for(drive(url, shot), 120))
-        server = url.split("/?")[0]
-        with urllib.request.urlopen(server + "/metrics", timeout=5) as r:
-            result["metrics"] = r.read().decode()
-        print("RESULT " + json.dumps(result), flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    run_browser(cmd, url, lambda: drive(url, shot), 120, env)
 
 
 if __name__ == "__main__":

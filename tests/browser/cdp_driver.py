@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 import sys
 import time
 import urllib.request
 
 import websockets
+from driver_common import run_browser  # a sibling: the drivers run as scripts
 
 CHROMIUM = "/usr/bin/chromium"
 DEVTOOLS_PORT = 9333
@@ -110,20 +110,7 @@ def main() -> None:
         f"--remote-debugging-port={DEVTOOLS_PORT}",
         url,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        result = asyncio.run(asyncio.wait_for(drive(url, shot), 90))
-        server = url.split("/?")[0]
-        with urllib.request.urlopen(server + "/metrics", timeout=5) as r:
-            result["metrics"] = r.read().decode()
-        print("RESULT " + json.dumps(result), flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    run_browser(cmd, url, lambda: drive(url, shot), 90)
 
 
 if __name__ == "__main__":
