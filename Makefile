@@ -35,7 +35,7 @@ $(BIN)/.installed: pyproject.toml
 setup: sysdeps $(BIN)/.installed
 
 serve: setup
-	@if [ "$(BACKEND)" = onnx ]; then $(BIN)/livehead export onnx --if-missing; fi
+	@if [ "$(BACKEND)" = onnx ]; then $(BIN)/livehead export onnx --if-missing --config tiny; fi
 	$(BIN)/livehead serve --host $(HOST) --port $(PORT) --set stream.backend=$(BACKEND)
 
 test: setup
@@ -58,8 +58,8 @@ typecheck: setup
 	$(BIN)/mypy engine export training server clients livehead
 
 bench: setup
-	@if [ "$(BACKEND)" = onnx ]; then $(BIN)/livehead export onnx --if-missing; fi
-	$(BIN)/livehead bench stream --realtime --backend $(BACKEND) --json
+	@if [ "$(BACKEND)" = onnx ]; then $(BIN)/livehead export onnx --if-missing --config tiny; fi
+	$(BIN)/livehead bench stream --realtime --backend $(BACKEND) --config tiny --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
