@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,13 @@ class _Recorder:
         n = min(signal.size, AV_WINDOW_S * SAMPLE_RATE)
         self.signal = signal
         self.out_audio = np.zeros(n, np.float32)
-        self.pts: list[int] = []
-        self.t_out: list[float] = []
-        self.windows: dict[tuple[int, int], dict[str, float]] = {}
+        # Flat typed arrays (8 bytes an entry), not lists of Python objects: over a 30-minute
+        # soak the bench's own records must not pass for the engine's memory growth.
+        self.pts = array("q")
+        self.t_out = array("d")
+        self._window: tuple[int, int] | None = None  # the window whose frames are arriving
+        self._sums = dict.fromkeys(STAGE_KEYS, 0.0)
+        self.window_ms: dict[str, array] = {k: array("d") for k in STAGE_KEYS}
         self.exact = 0
         self.contiguous = True
 
@@ -225,18 +230,31 @@ class _Recorder:
             k = min(SAMPLES_PER_FRAME, self.out_audio.size - p)
             self.out_audio[p : p + k] = frame.audio[:k]
         meta = frame.meta
-        w = self.windows.setdefault((meta["epoch"], meta["window"]), dict.fromkeys(STAGE_KEYS, 0.0))
-        for key in STAGE_KEYS:
-            w[key] += float(meta[key])
+        key = (meta["epoch"], meta["window"])
+        if key != self._window:  # a window's frames come together, in order
+            self._close_window()
+            self._window = key
+        for k in STAGE_KEYS:
+            self._sums[k] += float(meta[k])
+
+    def _close_window(self) -> None:
+        if self._window is not None:
+            for k in STAGE_KEYS:
+                self.window_ms[k].append(self._sums[k])
+        self._sums = dict.fromkeys(STAGE_KEYS, 0.0)
+        self._window = None
 
     def stages(self) -> dict[str, dict]:
         """Per-window compute p50/p95 (render over rendered windows only)."""
-        ws = list(self.windows.values())
+        self._close_window()
+        w = {k: np.frombuffer(v, dtype=np.float64) for k, v in self.window_ms.items()}
+        rendered = w["render_ms"] > 0
         out = {}
         for key in STAGE_KEYS:
-            vals = [w[key] for w in ws if key != "render_ms" or w[key] > 0]
-            out[key[:-3]] = percentiles(vals, (50, 95))
-        out["total"] = percentiles([sum(w.values()) for w in ws if w["render_ms"] > 0], (50, 95))
+            vals = w[key][rendered] if key == "render_ms" else w[key]
+            out[key[:-3]] = percentiles(vals.tolist(), (50, 95))
+        total = np.sum(np.stack(list(w.values())), axis=0)[rendered]
+        out["total"] = percentiles(total.tolist(), (50, 95))
         return out
 
     def av_offset(self) -> dict[str, Any]:
@@ -288,8 +306,8 @@ def run_stream(
 
     session = engine.session(avatar, seed=seed)
     rec = _Recorder(signal)
-    push_end: list[int] = []  # end sample of each push
-    push_time: list[float] = []  # monotonic time right before the push
+    push_end = array("q")  # end sample of each push
+    push_time = array("d")  # monotonic time right before the push
     rss_t: list[tuple[float, float]] = []
     lag = {"min": math.inf, "max": -math.inf, "last": 0.0}
     compute_s = 0.0
