@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.backends_ort import FORMAT_VERSION, GRAPHS, MANIFEST, model_fingerprint
+from engine.backends_ort import (
+    FORMAT_VERSION,
+    GRAPHS,
+    MANIFEST,
+    default_onnx_dir,
+    model_fingerprint,
+    read_manifest,
+)
+from engine.config import Config
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
 from engine.models.stage2 import CONTROL_DIM, CONTROL_MASKS, Stage2Nets
@@ -298,3 +306,31 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def ensure_export(
+    cfg: Config,
+    stage1_path: str | None = None,
+    stage2_path: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """The ONNX export of these weights (default: the bundled ones) under ``cfg``'s window
+    plan, written first if it is missing or stale (``livehead serve`` with backend "onnx")."""
+    from engine.stream import Engine, plan_dict
+
+    engine = Engine.load(stage1_path, stage2_path, config=cfg, backend="torch")
+    stage1 = engine.stage1.model  # type: ignore[attr-defined]
+    stage2 = engine.stage2.nets  # type: ignore[attr-defined]
+    plan = plan_dict(engine.cfg)
+    fingerprint = model_fingerprint(stage1, stage2, plan)
+    out = Path(cfg.stream.onnx_dir) if cfg.stream.onnx_dir else default_onnx_dir(fingerprint)
+    try:
+        read_manifest(out, fingerprint)
+        return out
+    except UserError:
+        pass
+    if progress:
+        progress(f"no ONNX export of these weights yet: exporting to {out} (once, ~1 min)")
+    source = {"stage1": engine.info.get("stage1"), "stage2": engine.info.get("stage2")}
+    export_onnx(stage1, stage2, plan, out, source=source, progress=progress)
+    return out

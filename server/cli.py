@@ -75,6 +75,10 @@ def session_factory(cfg, standin: bool) -> Callable:  # noqa: ANN001
             )
         else:
             try:
+                if cfg.stream.backend == "onnx":
+                    from export.onnx import ensure_export
+
+                    ensure_export(cfg, progress=lambda m: print(f"livehead: {m}", flush=True))
                 return make_session_factory(cfg)
             except UserError as e:
                 raise UserError(f"{e}; or serve the stand-in: livehead serve --standin") from None

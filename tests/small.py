@@ -28,6 +28,9 @@ SMALL_STAGE2 = [
     "stage2.denoiser.blocks=1",
     "stage2.cond_dim=16",
     "stage2.adapter_hidden=16",
+    # The tiny config serves with ONNX Runtime (an export step); tests run PyTorch unless they
+    # test the ONNX backend itself.
+    "stream.backend=torch",
 ]
 # A small synthetic world split.
 SMALL_WORLD = ["world.identities=40", "world.heldout_identities=8"]

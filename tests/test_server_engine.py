@@ -75,8 +75,9 @@ def test_webrtc_with_the_real_engine(engine_factory, speech: Path) -> None:
     not (DEFAULT_STAGE1.exists() and DEFAULT_STAGE2.exists()), reason="no bundled weights"
 )
 def test_serve_command_streams_the_bundled_model(speech: Path, tmp_path: Path) -> None:
-    """What `make serve` runs (torch backend here, no export step): the bundled weights and
-    avatar, a client pushing speech over the WebSocket API and recording what comes back."""
+    """What `make serve` runs: the bundled weights and avatar with the tiny config's ONNX Runtime
+    backend (exported on first use into a private cache here), a client pushing speech over the
+    WebSocket API and recording what comes back."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -86,11 +87,11 @@ def test_serve_command_streams_the_bundled_model(speech: Path, tmp_path: Path) -
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=dict(os.environ, OMP_NUM_THREADS="2"),
+        env=dict(os.environ, OMP_NUM_THREADS="2", LIVEHEAD_CACHE=str(tmp_path / "cache")),
     )
     out = tmp_path / "reply.mp4"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the export comes first (~1 min here)
         while True:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()
             try:
@@ -104,7 +105,9 @@ def test_serve_command_streams_the_bundled_model(speech: Path, tmp_path: Path) -
         server.terminate()
         server.wait(30)
         log.close()
-    assert server.returncode == 0, (tmp_path / "serve.log").read_text()
+    served = (tmp_path / "serve.log").read_text()
+    assert server.returncode == 0, served
+    assert "exporting" in served and list((tmp_path / "cache" / "onnx").glob("*/manifest.json"))
     # 3 s of speech: every frame comes back (audio is never dropped); how many carry a fresh
     # picture depends on this machine's speed (a busy one drops video, by design), so only a
     # few are required here; speed is `livehead bench`'s job.
