@@ -120,7 +120,6 @@ class OrtStage1:
         self._encode = _session(onnx_dir / "stage1_encode.onnx", threads)
         self._motion = _session(onnx_dir / "stage1_motion.onnx", 1)
         self._render = _session(onnx_dir / "stage1_render.onnx", threads)
-        self._n_feats = len(self._encode.get_outputs()) - 1
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self._encode.run(None, {"img": _np(img.float())})

@@ -43,6 +43,7 @@ before it), window noise from (seed, epoch), controls read at the absolute frame
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import threading
@@ -121,16 +122,8 @@ def runtime_config(model_cfg: Config, base: Config, overrides: list[str] | None 
 
 def plan_dict(cfg: Config) -> dict[str, int]:
     """The window plan of ``cfg`` as plain numbers (the shapes exported stage-2 graphs have)."""
-    plan = WindowPlan.from_config(
-        cfg.stage2, LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
-    )
-    return {
-        "window_frames": plan.window_frames,
-        "prefix_frames": plan.prefix_frames,
-        "lookahead_frames": plan.lookahead_frames,
-        "context_frames": plan.context_frames,
-        "feature_frames_per_video_frame": plan.feature_frames_per_video_frame,
-    }
+    fpv = LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
+    return dataclasses.asdict(WindowPlan.from_config(cfg.stage2, fpv))
 
 
 def _is_real(v: object) -> bool:
@@ -383,27 +376,22 @@ class Engine:
             avatar = self.default_avatar()
         elif not isinstance(avatar, Avatar):
             avatar = self.prepare_avatar(avatar)
-        session = StreamSession(self, avatar, seed, controls)
-        if not live:
-            session._deadline_s = 0.0
-        return session
+        return StreamSession(self, avatar, seed, controls, live=live)
 
     def resolved_config(self) -> dict[str, Any]:
         return to_dict(self.cfg)
 
 
-def make_session_factory(cfg: Config):  # noqa: ANN201 - server.app.SessionFactory
-    """For ``livehead serve``: the bundled weights loaded once, ``make(avatar_rgb) -> Session``
-    per room. ``cfg`` supplies the stream/server sections and runtime stage-2 keys."""
-    try:
+def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: ANN201
+    """For ``livehead serve`` (a ``server.app.SessionFactory``): ``make(avatar_rgb) -> Session``
+    per room over one shared engine — ``engine``, or the bundled weights loaded here. ``cfg``
+    supplies the stream/server sections and runtime stage-2 keys."""
+    if engine is None:
         engine = Engine.load(config=cfg)
-    except UserError as e:
-        raise UserError(
-            f"{e} (or serve the stand-in, no model: livehead serve --standin)"
-        ) from None
+    shared = engine
 
     def make_session(avatar_rgb: np.ndarray) -> StreamSession:
-        return engine.session(engine.prepare_avatar(avatar_rgb))
+        return shared.session(shared.prepare_avatar(avatar_rgb))
 
     return make_session
 
@@ -520,6 +508,7 @@ class StreamSession:
         avatar: Avatar,
         seed: int = 0,
         controls: Controls | ControlTrack | None = None,
+        live: bool = True,
     ) -> None:
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise UserError(f"seed must be an integer >= 0, got {seed!r}")
@@ -531,7 +520,8 @@ class StreamSession:
         self._max_backlog = int(st.max_backlog_s * SAMPLE_RATE)
         self._max_push_s = st.max_push_s
         self._speech_rms = st.speech_rms
-        self._deadline_s = st.render_deadline_ms / 1000.0
+        # Offline rendering (live=False) never skips a window, whatever the config says.
+        self._deadline_s = st.render_deadline_ms / 1000.0 if live else 0.0
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar

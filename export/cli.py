@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,39 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    from engine.backends_ort import default_onnx_dir, model_fingerprint, read_manifest
-    from engine.errors import UserError
-    from engine.stream import Engine, plan_dict
-    from export.onnx import export_onnx
+    from engine.stream import Engine
+    from export.onnx import export_engine
 
     engine = Engine.load(
         args.stage1, args.checkpoint, config=args.config, overrides=args.set, backend="torch"
     )
-    stage1 = engine.stage1.model  # type: ignore[attr-defined]
-    stage2 = engine.stage2.nets  # type: ignore[attr-defined]
-    plan = plan_dict(engine.cfg)
-    fingerprint = model_fingerprint(stage1, stage2, plan)
-    out = Path(args.out) if args.out else default_onnx_dir(fingerprint)
-    if args.if_missing:
-        try:
-            manifest = read_manifest(out, fingerprint)
-        except UserError:
-            pass
-        else:
-            if args.json:
-                print(json.dumps(dict(manifest, dir=str(out))))
-            else:
-                print(f"{out} already holds the export of these weights")
-            return 0
 
     def say(msg: str) -> None:
         if not args.json:
             print(f"livehead: {msg}", file=sys.stderr, flush=True)
 
-    source = {"stage1": engine.info.get("stage1"), "stage2": engine.info.get("stage2")}
-    manifest = export_onnx(stage1, stage2, plan, out, source=source, progress=say)
+    out, manifest, wrote = export_engine(engine, args.out, if_missing=args.if_missing, progress=say)
     if args.json:
         print(json.dumps(dict(manifest, dir=str(out))))
+    elif not wrote:
+        print(f"{out} already holds the export of these weights")
     else:
         worst = max(manifest["parity"]["max_abs"].values())
         print(f"wrote {out} (5 graphs; largest |ONNX Runtime - PyTorch| {worst:.2e})")

@@ -37,6 +37,7 @@ from engine.config import Config
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
 from engine.models.stage2 import CONTROL_DIM, CONTROL_MASKS, Stage2Nets
+from engine.stream import Engine, plan_dict
 
 OPSET = 18
 # Largest |ONNX Runtime - PyTorch| allowed, relative to max(1, max |PyTorch output|).
@@ -166,16 +167,18 @@ def export_onnx(
     out_dir: str | Path,
     source: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Write the five graphs and ``manifest.json`` to ``out_dir`` (atomically: a finished
-    directory replaces any older one). Returns the manifest."""
+    directory replaces any older one). Returns the manifest. ``fingerprint``: the models'
+    ``model_fingerprint``, when the caller has it already."""
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
     stage1 = stage1.eval()
     stage2 = stage2.eval()
     if not stage1.lmd.frozen:
         stage1.lmd.freeze()
-    fingerprint = model_fingerprint(stage1, stage2, plan)
+    fingerprint = fingerprint or model_fingerprint(stage1, stage2, plan)
     c1 = stage1.cfg
     s, w, k = plan["context_frames"], plan["window_frames"], plan["prefix_frames"]
     seg = s + w + plan["lookahead_frames"]
@@ -308,29 +311,44 @@ def export_onnx(
     return manifest
 
 
-def ensure_export(
-    cfg: Config,
-    stage1_path: str | None = None,
-    stage2_path: str | None = None,
+def export_engine(
+    engine: Engine,
+    out_dir: str | Path | None = None,
+    if_missing: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> Path:
-    """The ONNX export of these weights (default: the bundled ones) under ``cfg``'s window
-    plan, written first if it is missing or stale (``livehead serve`` with backend "onnx")."""
-    from engine.stream import Engine, plan_dict
-
-    engine = Engine.load(stage1_path, stage2_path, config=cfg, backend="torch")
+) -> tuple[Path, dict[str, Any], bool]:
+    """Export the networks of a PyTorch ``engine`` under its window plan, to ``out_dir`` or the
+    directory the engine would look in (``stream.onnx_dir``, else the weights' cache dir).
+    ``if_missing``: keep an export of exactly these weights that is already there.
+    Returns (directory, manifest, whether it was written now)."""
     stage1 = engine.stage1.model  # type: ignore[attr-defined]
     stage2 = engine.stage2.nets  # type: ignore[attr-defined]
     plan = plan_dict(engine.cfg)
     fingerprint = model_fingerprint(stage1, stage2, plan)
-    out = Path(cfg.stream.onnx_dir) if cfg.stream.onnx_dir else default_onnx_dir(fingerprint)
-    try:
-        read_manifest(out, fingerprint)
-        return out
-    except UserError:
-        pass
-    if progress:
-        progress(f"no ONNX export of these weights yet: exporting to {out} (once, ~1 min)")
+    configured = out_dir or engine.cfg.stream.onnx_dir
+    out = Path(configured) if configured else default_onnx_dir(fingerprint)
+    if if_missing:
+        try:
+            return out, read_manifest(out, fingerprint), False
+        except UserError:
+            if progress:
+                progress(f"no ONNX export of these weights yet: exporting to {out} (~1 min)")
     source = {"stage1": engine.info.get("stage1"), "stage2": engine.info.get("stage2")}
-    export_onnx(stage1, stage2, plan, out, source=source, progress=progress)
-    return out
+    manifest = export_onnx(
+        stage1, stage2, plan, out, source=source, progress=progress, fingerprint=fingerprint
+    )
+    return out, manifest, True
+
+
+def onnx_engine(cfg: Config, progress: Callable[[str], None] | None = None) -> Engine:
+    """``livehead serve`` with backend "onnx": the bundled weights, loaded once, exported first
+    when their export is missing or stale, then run by ONNX Runtime."""
+    torch_engine = Engine.load(config=cfg, backend="torch")
+    export_engine(torch_engine, if_missing=True, progress=progress)
+    return Engine.from_models(
+        torch_engine.stage1.model,  # type: ignore[attr-defined]
+        torch_engine.stage2.nets,  # type: ignore[attr-defined]
+        torch_engine.cfg,
+        backend="onnx",
+        info=torch_engine.info,
+    )

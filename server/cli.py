@@ -60,29 +60,22 @@ def standin_factory(size: int) -> Callable:
 def session_factory(cfg, standin: bool) -> Callable:  # noqa: ANN001
     """The one place the engine plugs in: ``make_session(avatar_rgb) -> Session``.
 
-    The engine provides ``engine.stream.make_session_factory(cfg)`` (weights loaded once and
-    shared, one Session per room); ``--standin`` (or an engine without it) serves the stand-in."""
+    ``engine.stream.make_session_factory`` (weights loaded once and shared, one Session per
+    room; with backend "onnx" exported on first use), or the stand-in with ``--standin``."""
+    if standin:
+        return standin_factory(cfg.server.standin_size)
     from engine.errors import UserError
+    from engine.stream import make_session_factory
 
-    if not standin:
-        try:
-            from engine.stream import make_session_factory  # type: ignore[import-not-found]
-        except ImportError:
-            print(
-                "livehead: the engine's streaming session is not available yet; serving the "
-                "stand-in (pass --standin to choose it explicitly)",
-                flush=True,
-            )
-        else:
-            try:
-                if cfg.stream.backend == "onnx":
-                    from export.onnx import ensure_export
+    try:
+        engine = None
+        if cfg.stream.backend == "onnx":
+            from export.onnx import onnx_engine
 
-                    ensure_export(cfg, progress=lambda m: print(f"livehead: {m}", flush=True))
-                return make_session_factory(cfg)
-            except UserError as e:
-                raise UserError(f"{e}; or serve the stand-in: livehead serve --standin") from None
-    return standin_factory(cfg.server.standin_size)
+            engine = onnx_engine(cfg, lambda m: print(f"livehead: {m}", flush=True))
+        return make_session_factory(cfg, engine)
+    except UserError as e:
+        raise UserError(f"{e}; or serve the stand-in: livehead serve --standin") from None
 
 
 def run(args: argparse.Namespace) -> int:
