@@ -188,6 +188,9 @@ class TrainStage1Config:
     aam_margin: float = 0.2
     aam_scale: float = 30.0
     w_aux_motion: float = 0.0  # synthetic-world accelerator: supervise alpha with ground truth
+    # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
+    # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
+    region_weight: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

@@ -21,6 +21,7 @@ SMALL = [
     "train.stage1.batch_size=2",
     "train.stage1.d_reg_every=2",
     "train.stage1.w_aux_motion=1.0",
+    "train.stage1.region_weight=4.0",
     "train.stage1.adv_start_step=0",
 ]
 
@@ -43,8 +44,11 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     rec = json.loads(lines[-1])
     assert rec["step"] == 2 and all(
-        k in rec for k in ("l1", "perceptual", "mi", "metric", "g_adv", "aux_motion")
+        k in rec for k in ("l1", "perceptual", "mi", "metric", "g_adv", "aux_motion", "l1_region")
     )
+    # per-level mean occlusion masks (8² .. S²), the diagnostic for a level that shut off
+    masks = [k for k in rec if k.startswith("mask_")]
+    assert masks and all(0 < rec[k] < 1 for k in masks)
 
     # interrupted: 1 step, save, new process state, resume for the second step
     b1 = _trainer(tmp_path / "b", steps=1, extra=neg)
@@ -61,6 +65,30 @@ def test_two_steps_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     fresh = _trainer(tmp_path / "c", steps=0)
     changed = [n for n, t in fresh.model.state_dict().items() if not torch.equal(t, sa["model"][n])]
     assert changed
+
+
+def test_region_weights_sit_on_the_mouth_and_eyes() -> None:
+    """The flagged accelerator's weight map peaks at the world's mouth (1 + peak) and eyes
+    (1 + peak/2) of the target frame and is 1 far from the face."""
+    import numpy as np
+
+    from training.stage1_data import SyntheticPairs, region_weights
+
+    cfg = load_config("tiny")
+    b = SyntheticPairs(cfg.world, 128).sample(
+        np.random.default_rng(3), torch.Generator().manual_seed(0), 2
+    )
+    assert b.regions is not None and b.regions.shape == (2, 8)
+    w = region_weights(b.regions, 128, 6.0)
+    assert w.shape == (2, 1, 128, 128)
+    for i in range(2):
+        r = b.regions[i]
+        mx, my = int(r[0]), int(r[1])
+        assert float(w[i, 0, my, mx]) > 6.0  # near 1 + 6 at the mouth
+        ex, ey = int(r[2]), int(r[3])
+        assert 3.0 < float(w[i, 0, ey, ex]) < 5.0  # eyes: about 1 + 3
+        assert float(w[i, 0, 0, 0]) == pytest.approx(1.0, abs=1e-4)  # a corner: background
+    assert torch.equal(region_weights(b.regions, 128, 0.0), torch.ones(2, 1, 128, 128))
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path: Path) -> None:

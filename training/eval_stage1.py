@@ -7,7 +7,9 @@ Metrics (all on held-out identities, which training never sees):
 - ``self_psnr``, ``self_ssim``: source = the clip's first frame; every later frame is rebuilt
   from the source with the motion the encoder reads off that frame. Also ``self_face_psnr``:
   the same PSNR restricted to the central face box (the static background inflates full-frame
-  PSNR).
+  PSNR). ``self_mouth_psnr`` (and ``copy_mouth_psnr``, its copy baseline): the same PSNR in a
+  square of side 0.8 head units around the target frame's mouth (from the world's landmarks),
+  where speech shows.
 - ``cross_psnr``, ``cross_ssim``: identity A's first frame driven by identity B's clip, compared
   with the world's rendering of A with B's motion (exact ground truth).
 - ``id_leakage``: how far the cross-reenacted output moves from the right answer towards the
@@ -57,6 +59,17 @@ def load_stage1(path: str | Path | None) -> tuple[Stage1Model, Config, dict]:
     return loading.load_stage1(path)
 
 
+def _mouth_psnr(out: torch.Tensor, tgt: torch.Tensor, boxes: list[tuple[int, int, int]]) -> list:
+    """Per frame PSNR in a square (cx, cy, half side) of pixels; frames (T, 3, S, S)."""
+    s = out.shape[-1]
+    vals = []
+    for t, (cx, cy, r) in enumerate(boxes):
+        y0, y1, x0, x1 = max(0, cy - r), min(s, cy + r), max(0, cx - r), min(s, cx + r)
+        if y1 - y0 >= 4 and x1 - x0 >= 4:
+            vals.append(psnr(out[t : t + 1, :, y0:y1, x0:x1], tgt[t : t + 1, :, y0:y1, x0:x1]))
+    return vals
+
+
 def _face_box(x: torch.Tensor) -> torch.Tensor:
     s = x.shape[-1]
     return x[..., s // 8 : s - s // 8, s // 5 : s - s // 5]
@@ -67,6 +80,7 @@ def eval_synthetic(
     model: Stage1Model, cfg: Config, n_ids: int = 8, frames: int = 40, seed: int = 1234
 ) -> dict[str, float]:
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
+    from training.world.render import head_pixel_scale, landmarks
 
     size = cfg.stage1.image_size
     ids = heldout_ids(cfg.world)[:n_ids]
@@ -78,6 +92,7 @@ def eval_synthetic(
         motion = clip_motion_only(cfg.world, int(i), frames, rng)
         clips[int(i)] = (get_identity(cfg.world, int(i)), motion)
     sp, ss, sf, cp, cs, leak, copy = [], [], [], [], [], [], []
+    mouth, copy_mouth = [], []
     for k, a in enumerate(clips):
         ident_a, mot_a = clips[a]
         video = to_tensor(render_frames(ident_a, mot_a, size))
@@ -87,6 +102,14 @@ def eval_synthetic(
         ss.append(ssim(out, tgt))
         sf.append(psnr(_face_box(out), _face_box(tgt)))
         copy.append(psnr(src.expand_as(tgt), tgt))
+        boxes = []
+        for row in mot_a[1:]:
+            cx, cy = landmarks(ident_a, row, size)["mouth"]
+            boxes.append(
+                (int(cx), int(cy), max(2, int(0.4 * head_pixel_scale(ident_a, row, size))))
+            )
+        mouth += _mouth_psnr(out, tgt, boxes)
+        copy_mouth += _mouth_psnr(src.expand_as(tgt), tgt, boxes)
         # cross: A's first frame driven by B's clip
         b = list(clips)[(k + 1) % len(clips)]
         ident_b, mot_b = clips[b]
@@ -109,6 +132,8 @@ def eval_synthetic(
         "self_psnr": mean(sp),
         "self_ssim": mean(ss),
         "self_face_psnr": mean(sf),
+        "self_mouth_psnr": mean(mouth),
+        "copy_mouth_psnr": mean(copy_mouth),
         "cross_psnr": mean(cp),
         "cross_ssim": mean(cs),
         "id_leakage": mean(leak),

@@ -18,6 +18,10 @@ every generated frame. Its own held-out accuracy is printed with the results (``
 - ``long_drift``: a 10-minute generation (α only) of looped held-out speech: per-dimension mean
   and standard deviation of α in the first and the last minute, summarised as the mean
   absolute change of the mean and the mean ratio of the standard deviations (1 = stable).
+- ``reenact_lipsync_r``: the same r for stage 1 alone -- α encoded from the world's own frames
+  of each clip and rendered on the portrait -- the ceiling ``lipsync_r`` can reach with this
+  stage-1 model (low: the renderer does not draw the mouth; high while ``lipsync_r`` is low:
+  stage 2 does not move it).
 """
 
 from __future__ import annotations
@@ -140,16 +144,25 @@ def evaluate(
     size = s1.cfg.image_size
     ids = heldout_ids(cfg.world)
     mouth_gen, mouth_gt, r_clips, lags, pose_err, div, div_r = [], [], [], [], [], [], []
-    long_audio = []
+    long_audio, reenact_gen = [], []
     for k in range(clips):
         ident = int(ids[k % len(ids)])
         clip = make_clip(
-            cfg.world, ident, seconds, size=size, seed=777 + k, split="heldout", render=False
+            cfg.world, ident, seconds, size=size, seed=777 + k, split="heldout", render=True
         )
         long_audio.append(clip.audio)
         portrait = render_frames(get_identity(cfg.world, ident), neutral_motion(1), size)[0]
         h, feats, ref_alpha = gen.avatar(portrait)
         gt = np.asarray(clip.motion["mouth_open"], np.float64)
+        # stage 1 alone: α read off the world's own frames of this clip, rendered on the portrait
+        assert clip.frames is not None
+        a_true = torch.cat(
+            [
+                s1.motion(s1.encode(to_tensor(clip.frames[i : i + 16]))[0])
+                for i in range(0, len(clip.frames), 16)
+            ]
+        )
+        reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         alphas = []
         for seed in range(seeds):
             a = gen.alpha(clip.audio, h, ref_alpha, seed)
@@ -172,6 +185,7 @@ def evaluate(
     all_gen, all_gt = np.concatenate(mouth_gen), np.concatenate(mouth_gt)
     res: dict[str, Any] = {
         "lipsync_r": _pearson(all_gen, all_gt),
+        "reenact_lipsync_r": _pearson(np.concatenate(reenact_gen).astype(np.float64), all_gt),
         "lipsync_r_per_clip": [round(r, 4) for r in r_clips],
         "av_offset_ms": float(np.median(lags) * 40.0),
         "pose_control_err_deg": float(np.mean(pose_err)),

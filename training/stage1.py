@@ -47,7 +47,13 @@ from training.common import (
     write_ddp_fingerprint,
 )
 from training.losses import d_logistic, g_nonsat, make_perceptual, psnr, r1_penalty
-from training.stage1_data import AUX_FIELDS, RealPairs, Stage1Batch, SyntheticPairs
+from training.stage1_data import (
+    AUX_FIELDS,
+    RealPairs,
+    Stage1Batch,
+    SyntheticPairs,
+    region_weights,
+)
 
 
 class GeneratorStep(nn.Module):
@@ -83,6 +89,7 @@ class GeneratorStep(nn.Module):
             "z_m": F.normalize(torch.cat(z_m, dim=0).float(), dim=1) * scale,
             "metric": F.cross_entropy(self.aam(z_id, lab), lab),
             "alpha_tgt": out.alpha_tgt,
+            "mask_means": out.mask_means,
         }
         if self.aux is not None:
             res["aux_pred"] = self.aux(out.alpha_tgt.float())
@@ -225,6 +232,7 @@ class Stage1Trainer:
                 "perceptual": getattr(self.perceptual, "kind", "?"),
                 "data": self.opts.data,
                 "aux_motion_loss": self.t.w_aux_motion if self.aux is not None else 0.0,
+                "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
             },
         )
@@ -263,9 +271,17 @@ class Stage1Trainer:
         with self._autocast():
             out = self.gstep(b)
             recon = out["recon"].float()
-            l1 = (recon - b.target).abs().mean()
+            err = (recon - b.target).abs()
+            l1 = err.mean()
+            if t.region_weight > 0 and b.regions is not None:
+                # flagged synthetic-world accelerator: mouth and eyes weigh more
+                w = region_weights(b.regions, recon.shape[-1], t.region_weight).to(err.device)
+                l1_loss = (err * w).mean()
+                logs["l1_region"] = float(l1_loss.detach())
+            else:
+                l1_loss = l1
             perc = self.perceptual(recon, b.target)
-            loss = t.w_l1 * l1 + t.w_perceptual * perc + t.w_metric * out["metric"]
+            loss = t.w_l1 * l1_loss + t.w_perceptual * perc + t.w_metric * out["metric"]
             mi = unwrap(self.cstep).mi_upper(out["z_id"], out["z_m"])
             # MI is >= 0: a negative CLUB estimate is the estimator lagging the encoders, and
             # descending it only teaches the encoders to fool q (seen: -300 within 80 steps).
@@ -332,6 +348,9 @@ class Stage1Trainer:
                 psnr=float(psnr(recon, b.target).mean()),
                 psnr_copy=float(psnr(b.source, b.target).mean()),
             )
+            if out.get("mask_means") is not None:
+                sizes = unwrap(self.model).renderer.sizes[1:]
+                logs.update({f"mask_{r}": float(m) for r, m in zip(sizes, out["mask_means"])})
         return logs
 
     def fit(self) -> None:

@@ -32,7 +32,9 @@ AUX_FIELDS = MOTION_FIELDS
 class Stage1Batch:
     """Images (B, 3, S, S) float32 in [-1, 1]; labels (B,) int64 identity classes.
 
-    gt_target: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target, or None."""
+    gt_target: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target, or None.
+    regions: (B, 8) float32 of the target: mouth, left eye, right eye (x, y) in pixels, head
+    scale (pixels per head unit), 0 -- synthetic world only, for ``region_weights``; or None."""
 
     source: torch.Tensor
     target: torch.Tensor
@@ -41,6 +43,29 @@ class Stage1Batch:
     label_source: torch.Tensor
     label_negative: torch.Tensor
     gt_target: torch.Tensor | None = None
+    regions: torch.Tensor | None = None
+
+
+def region_weights(regions: torch.Tensor, size: int, peak: float) -> torch.Tensor:
+    """Per-pixel L1 weights (B, 1, S, S): 1 + peak·bump(mouth) + peak/2·bump(each eye).
+
+    regions: (B, 8) -- mouth, left eye, right eye (x, y) in pixels, then head scale K and a
+    pad. The bumps are Gaussians of sigma 0.25·K (mouth) and 0.15·K (eyes): the mouth with
+    its full opening, the eyes with their lids. A synthetic-world accelerator (the world knows
+    where they are); the paper's L1 is ``peak = 0``.
+    """
+    b = regions.shape[0]
+    dev = regions.device
+    ax = torch.arange(size, dtype=torch.float32, device=dev) + 0.5
+    yy, xx = ax.view(1, size, 1), ax.view(1, 1, size)
+    k = regions[:, 6].view(b, 1, 1)
+    w = torch.ones(b, size, size, device=dev)
+    for j, (amp, sig) in enumerate(((peak, 0.25), (peak / 2, 0.15), (peak / 2, 0.15))):
+        cx = regions[:, 2 * j].view(b, 1, 1)
+        cy = regions[:, 2 * j + 1].view(b, 1, 1)
+        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        w = w + amp * torch.exp(-d2 / (2 * (sig * k) ** 2))
+    return w.unsqueeze(1)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -100,8 +125,9 @@ class SyntheticPairs:
 
     def sample(self, rng: np.random.Generator, g: torch.Generator, batch: int) -> Stage1Batch:
         from training.world import get_identity, motion, render_frames
+        from training.world.render import head_pixel_scale, landmarks
 
-        src, tgt, neg, gts = [], [], [], []
+        src, tgt, neg, gts, regions = [], [], [], [], []
         ids = rng.choice(self.ids, size=batch, replace=False)
         neg_ids = rng.choice(self.ids, size=batch, replace=False)
         for k, (i, nid) in enumerate(zip(ids, neg_ids)):
@@ -123,6 +149,9 @@ class SyntheticPairs:
                 )[0]
             )
             gts.append([float(m_tgt[f][0]) for f in AUX_FIELDS])
+            lm = landmarks(ident, m_tgt[0], self.size)
+            k_px = head_pixel_scale(ident, m_tgt[0], self.size)
+            regions.append([*lm["mouth"], *lm["eye_l"], *lm["eye_r"], k_px, 0.0])
             neg_ids[k] = nid
         source = to_tensor(np.stack(src))
         return Stage1Batch(
@@ -133,6 +162,7 @@ class SyntheticPairs:
             label_source=torch.from_numpy(ids.astype(np.int64)),
             label_negative=torch.from_numpy(neg_ids.astype(np.int64)),
             gt_target=torch.tensor(gts, dtype=torch.float32),
+            regions=torch.tensor(regions, dtype=torch.float32),
         )
 
 

@@ -481,6 +481,9 @@ class Stage1Output:
     z_id_extra: Tensor | None = None
     z_m_extra: Tensor | None = None
     alpha_extra: Tensor | None = None
+    # per renderer level (8²..S²): the mean occlusion mask, detached -- a level whose mask sits
+    # near 0 contributes nothing to the image (a training diagnostic)
+    mask_means: Tensor | None = None
 
 
 class Stage1Model(nn.Module):
@@ -529,7 +532,9 @@ class Stage1Model(nn.Module):
         h, feats = self.encoder(torch.cat(imgs, dim=0))
         z_id = self.identity_head(h)
         z_m, alpha = self.motion_head(h)
-        recon = self.render(h[:b], [f[:b] for f in feats], alpha[b : 2 * b])
+        recon, _, masks = self.renderer.forward_aux(
+            self.latent(h[:b], alpha[b : 2 * b]), [f[:b] for f in feats]
+        )
         has_extra = extra is not None
         return Stage1Output(
             recon=recon,
@@ -544,6 +549,7 @@ class Stage1Model(nn.Module):
             z_id_extra=z_id[2 * b :] if has_extra else None,
             z_m_extra=z_m[2 * b :] if has_extra else None,
             alpha_extra=alpha[2 * b :] if has_extra else None,
+            mask_means=torch.stack([m.detach().float().mean() for m in masks]),
         )
 
     def param_counts(self) -> dict[str, int]:
