@@ -33,10 +33,31 @@ def test_evaluate_reports_all_metrics() -> None:
     s1.lmd.freeze()
     s2 = Stage2Nets.from_config(cfg).eval()
     res = evaluate(s1, s2, cfg, Probe().eval(), clips=1, seconds=1.0, seeds=2, drift_minutes=0.05)
-    for k in ("lipsync_r", "av_offset_ms", "pose_control_err_deg", "diversity"):
+    for k in (
+        "lipsync_r",
+        "av_offset_ms",
+        "pose_control_err_deg",
+        "diversity",
+        "reenact_lipsync_r",
+        "alpha_lipsync_r",
+        "alpha_mouth_r_encoded",
+    ):
         assert k in res
     assert math.isfinite(res["pose_control_err_deg"]) and res["diversity"] >= 0
     assert res["long_drift"]["finite"] is True
+
+
+def test_alpha_lipsync_reads_the_mouth_linearly() -> None:
+    from training.eval_stage2 import alpha_lipsync
+
+    rng = np.random.default_rng(0)
+    gt = rng.random(200)
+    mix = rng.normal(size=(1, 6))
+    a_true = gt[:, None] * mix + 0.01 * rng.normal(size=(200, 6))
+    res = alpha_lipsync(a_true, a_true + 0.01 * rng.normal(size=(200, 6)), gt)
+    assert res["alpha_mouth_r_encoded"] > 0.99 and res["alpha_lipsync_r"] > 0.95
+    noise = alpha_lipsync(a_true, rng.normal(size=(200, 6)), gt)["alpha_lipsync_r"]
+    assert abs(noise) < 0.3
 
 
 def test_probe_shapes_and_units() -> None:

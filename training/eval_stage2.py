@@ -22,6 +22,10 @@ every generated frame. Its own held-out accuracy is printed with the results (``
   of each clip and rendered on the portrait -- the ceiling ``lipsync_r`` can reach with this
   stage-1 model (low: the renderer does not draw the mouth; high while ``lipsync_r`` is low:
   stage 2 does not move it).
+- ``alpha_lipsync_r``: lip sync in motion space, renderer left out: a linear read-out of the
+  mouth opening from α, fitted (least squares, on these clips) on α encoded from the world's
+  frames, applied to the generated α; ``alpha_mouth_r_encoded`` is that read-out's own r on
+  the encoded α (how much of the mouth α carries at all).
 """
 
 from __future__ import annotations
@@ -127,6 +131,20 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def alpha_lipsync(a_true: np.ndarray, a_gen: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Lip sync in motion space, without the renderer: a least-squares linear read-out of the
+    mouth opening from α, fitted on α encoded from the world's frames (``a_true`` (T, D)
+    against ``gt`` (T,)), applied to the α stage 2 generated for the same speech."""
+    x = np.concatenate([a_true, np.ones((len(a_true), 1))], axis=1)
+    w, *_ = np.linalg.lstsq(x, gt, rcond=None)
+    xg = np.concatenate([a_gen, np.ones((len(a_gen), 1))], axis=1)
+    return {
+        "alpha_mouth_r_encoded": _pearson(x @ w, gt),
+        "alpha_lipsync_r": _pearson(xg @ w, gt),
+    }
+
+
+@torch.no_grad()
 def evaluate(
     s1: Stage1Model,
     s2: Stage2Nets,
@@ -144,7 +162,7 @@ def evaluate(
     size = s1.cfg.image_size
     ids = heldout_ids(cfg.world)
     mouth_gen, mouth_gt, r_clips, lags, pose_err, div, div_r = [], [], [], [], [], [], []
-    long_audio, reenact_gen = [], []
+    long_audio, reenact_gen, alpha_true, alpha_gen = [], [], [], []
     for k in range(clips):
         ident = int(ids[k % len(ids)])
         clip = make_clip(
@@ -163,6 +181,7 @@ def evaluate(
             ]
         )
         reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
+        alpha_true.append(a_true[: len(gt)].double().numpy())
         alphas = []
         for seed in range(seeds):
             a = gen.alpha(clip.audio, h, ref_alpha, seed)
@@ -172,6 +191,7 @@ def evaluate(
             r = _pearson(m, gt)
             div_r.append(r)
             if seed == 0:
+                alpha_gen.append(a[: len(gt)].double().numpy())
                 mouth_gen.append(m)
                 mouth_gt.append(gt)
                 r_clips.append(r)
@@ -186,6 +206,7 @@ def evaluate(
     res: dict[str, Any] = {
         "lipsync_r": _pearson(all_gen, all_gt),
         "reenact_lipsync_r": _pearson(np.concatenate(reenact_gen).astype(np.float64), all_gt),
+        **alpha_lipsync(np.concatenate(alpha_true), np.concatenate(alpha_gen), all_gt),
         "lipsync_r_per_clip": [round(r, 4) for r in r_clips],
         "av_offset_ms": float(np.median(lags) * 40.0),
         "pose_control_err_deg": float(np.mean(pose_err)),
