@@ -191,6 +191,11 @@ class TrainStage1Config:
     # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
     # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
     region_weight: float = 0.0
+    # Pairs: this fraction has a target near the source (each motion field moved by Gaussian
+    # noise of u * its typical spread, u uniform in [0, near_amount]), as two frames of one
+    # video are; the rest pair two independent poses/expressions of the identity.
+    near_pairs: float = 0.3
+    near_amount: float = 0.3
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

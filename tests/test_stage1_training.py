@@ -91,6 +91,21 @@ def test_region_weights_sit_on_the_mouth_and_eyes() -> None:
     assert torch.equal(region_weights(b.regions, 128, 0.0), torch.ones(2, 1, 128, 128))
 
 
+def test_near_pairs_setting() -> None:
+    """near_pairs = 1 with near_amount = 0 pairs every source with itself; near_pairs = 0 never
+    does."""
+    import numpy as np
+
+    from training.stage1_data import SyntheticPairs
+
+    cfg = load_config("tiny")
+    rng, g = np.random.default_rng(1), torch.Generator().manual_seed(0)
+    same = SyntheticPairs(cfg.world, 64, near_pairs=1.0, near_amount=0.0).sample(rng, g, 3)
+    assert torch.equal(same.source, same.target)
+    apart = SyntheticPairs(cfg.world, 64, near_pairs=0.0).sample(rng, g, 3)
+    assert not any(torch.equal(apart.source[i], apart.target[i]) for i in range(3))
+
+
 def test_resume_without_checkpoint_is_clear(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no checkpoint"):
         _trainer(tmp_path / "none", resume=True)

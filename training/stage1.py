@@ -116,7 +116,9 @@ class Stage1Trainer:
         dev = dist_info.device
         size = cfg.stage1.image_size
         if opts.data == "synthetic":
-            self.data: SyntheticPairs | RealPairs = SyntheticPairs(cfg.world, size)
+            self.data: SyntheticPairs | RealPairs = SyntheticPairs(
+                cfg.world, size, t.near_pairs, t.near_amount
+            )
         else:
             self.data = RealPairs(Path(opts.data), size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -115,9 +115,12 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class SyntheticPairs:
     """Stage-1 batches drawn on the fly from the synthetic world (training identities only)."""
 
-    def __init__(self, world: WorldConfig, image_size: int):
+    def __init__(
+        self, world: WorldConfig, image_size: int, near_pairs: float = 0.3, near_amount: float = 0.3
+    ):
         from training.world import identity as wid
 
+        self.near_pairs, self.near_amount = near_pairs, near_amount
         self.world = world
         self.size = image_size
         self.ids = wid.train_ids(world)
@@ -135,9 +138,10 @@ class SyntheticPairs:
                 nid = self.ids[(np.searchsorted(self.ids, i) + 1) % len(self.ids)]
             ident = get_identity(self.world, int(i))
             m_src = motion.random_motion(rng, 1)
-            if rng.random() < 0.3:
-                # "adjacent frames": a small motion change, as between neighbouring video frames
-                m_tgt = motion.perturb_motion(rng, m_src, 0.15)
+            if rng.random() < self.near_pairs:
+                # two frames of one video: a motion change of random size, down to none
+                amount = float(rng.uniform(0.0, self.near_amount))
+                m_tgt = motion.perturb_motion(rng, m_src, amount)
             else:
                 m_tgt = motion.random_motion(rng, 1)
             pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
