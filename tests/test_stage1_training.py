@@ -78,7 +78,7 @@ def test_region_weights_sit_on_the_mouth_and_eyes() -> None:
     b = SyntheticPairs(cfg.world, 128).sample(
         np.random.default_rng(3), torch.Generator().manual_seed(0), 2
     )
-    assert b.regions is not None and b.regions.shape == (2, 8)
+    assert b.regions is not None and b.regions.shape == (2, 7)
     w = region_weights(b.regions, 128, 6.0)
     assert w.shape == (2, 1, 128, 128)
     for i in range(2):

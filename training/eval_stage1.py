@@ -80,7 +80,7 @@ def eval_synthetic(
     model: Stage1Model, cfg: Config, n_ids: int = 8, frames: int = 40, seed: int = 1234
 ) -> dict[str, float]:
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
-    from training.world.render import head_pixel_scale, landmarks
+    from training.world.render import face_regions
 
     size = cfg.stage1.image_size
     ids = heldout_ids(cfg.world)[:n_ids]
@@ -104,10 +104,8 @@ def eval_synthetic(
         copy.append(psnr(src.expand_as(tgt), tgt))
         boxes = []
         for row in mot_a[1:]:
-            cx, cy = landmarks(ident_a, row, size)["mouth"]
-            boxes.append(
-                (int(cx), int(cy), max(2, int(0.4 * head_pixel_scale(ident_a, row, size))))
-            )
+            r = face_regions(ident_a, row, size)
+            boxes.append((int(r[0]), int(r[1]), max(2, int(0.4 * r[6]))))
         mouth += _mouth_psnr(out, tgt, boxes)
         copy_mouth += _mouth_psnr(src.expand_as(tgt), tgt, boxes)
         # cross: A's first frame driven by B's clip

@@ -47,6 +47,7 @@ from engine.models.stage2 import Stage2Nets
 from engine.session_api import Controls
 from engine.tensors import to_tensor
 from engine.windowing import ControlTrack, WindowPlan, generate_offline, offline_features
+from training.stage2_data import encode_frames
 
 PROBE_PATH = Path(__file__).resolve().parent.parent / "weights" / "probe.safetensors"
 
@@ -174,12 +175,7 @@ def evaluate(
         gt = np.asarray(clip.motion["mouth_open"], np.float64)
         # stage 1 alone: α read off the world's own frames of this clip, rendered on the portrait
         assert clip.frames is not None
-        a_true = torch.cat(
-            [
-                s1.motion(s1.encode(to_tensor(clip.frames[i : i + 16]))[0])
-                for i in range(0, len(clip.frames), 16)
-            ]
-        )
+        a_true = encode_frames(s1, clip.frames)[1]
         reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         alpha_true.append(a_true[: len(gt)].double().numpy())
         alphas = []

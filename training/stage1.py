@@ -277,7 +277,7 @@ class Stage1Trainer:
             l1 = err.mean()
             if t.region_weight > 0 and b.regions is not None:
                 # flagged synthetic-world accelerator: mouth and eyes weigh more
-                w = region_weights(b.regions, recon.shape[-1], t.region_weight).to(err.device)
+                w = region_weights(b.regions, recon.shape[-1], t.region_weight)
                 l1_loss = (err * w).mean()
                 logs["l1_region"] = float(l1_loss.detach())
             else:

@@ -33,8 +33,8 @@ class Stage1Batch:
     """Images (B, 3, S, S) float32 in [-1, 1]; labels (B,) int64 identity classes.
 
     gt_target: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target, or None.
-    regions: (B, 8) float32 of the target: mouth, left eye, right eye (x, y) in pixels, head
-    scale (pixels per head unit), 0 -- synthetic world only, for ``region_weights``; or None."""
+    regions: (B, 7) float32 ``face_regions`` of the target (mouth, left eye, right eye pixel
+    (x, y), pixels per head unit) -- synthetic world only, for ``region_weights``; or None."""
 
     source: torch.Tensor
     target: torch.Tensor
@@ -49,10 +49,11 @@ class Stage1Batch:
 def region_weights(regions: torch.Tensor, size: int, peak: float) -> torch.Tensor:
     """Per-pixel L1 weights (B, 1, S, S): 1 + peak·bump(mouth) + peak/2·bump(each eye).
 
-    regions: (B, 8) -- mouth, left eye, right eye (x, y) in pixels, then head scale K and a
-    pad. The bumps are Gaussians of sigma 0.25·K (mouth) and 0.15·K (eyes): the mouth with
-    its full opening, the eyes with their lids. A synthetic-world accelerator (the world knows
-    where they are); the paper's L1 is ``peak = 0``.
+    regions: (B, 7) -- mouth, left eye, right eye (x, y) in pixels, then pixels per head unit
+    K (``training.world.render.face_regions``). The bumps are Gaussians of sigma 0.25·K
+    (mouth) and 0.15·K (eyes): the mouth with its full opening, the eyes with their lids. A
+    synthetic-world accelerator (the world knows where they are); the paper's L1 is
+    ``peak = 0``.
     """
     b = regions.shape[0]
     dev = regions.device
@@ -128,7 +129,7 @@ class SyntheticPairs:
 
     def sample(self, rng: np.random.Generator, g: torch.Generator, batch: int) -> Stage1Batch:
         from training.world import get_identity, motion, render_frames
-        from training.world.render import head_pixel_scale, landmarks
+        from training.world.render import face_regions
 
         src, tgt, neg, gts, regions = [], [], [], [], []
         ids = rng.choice(self.ids, size=batch, replace=False)
@@ -153,9 +154,7 @@ class SyntheticPairs:
                 )[0]
             )
             gts.append([float(m_tgt[f][0]) for f in AUX_FIELDS])
-            lm = landmarks(ident, m_tgt[0], self.size)
-            k_px = head_pixel_scale(ident, m_tgt[0], self.size)
-            regions.append([*lm["mouth"], *lm["eye_l"], *lm["eye_r"], k_px, 0.0])
+            regions.append(face_regions(ident, m_tgt[0], self.size))
             neg_ids[k] = nid
         source = to_tensor(np.stack(src))
         return Stage1Batch(
@@ -166,7 +165,7 @@ class SyntheticPairs:
             label_source=torch.from_numpy(ids.astype(np.int64)),
             label_negative=torch.from_numpy(neg_ids.astype(np.int64)),
             gt_target=torch.tensor(gts, dtype=torch.float32),
-            regions=torch.tensor(regions, dtype=torch.float32),
+            regions=torch.from_numpy(np.stack(regions)).float(),
         )
 
 

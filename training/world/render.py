@@ -879,6 +879,13 @@ def landmarks(identity: Identity, motion_row: Row, size: int = 256) -> dict[str,
     return {n: np.array(fr.point(n)) for n in fr.rig.names}
 
 
+def face_regions(identity: Identity, motion_row: Row, size: int = 256) -> np.ndarray:
+    """Where speech and blinks show in this frame, from one placement of the head: (7,)
+    float64 -- mouth, left eye, right eye pixel (x, y), then pixels per head unit."""
+    fr = _Frame(identity, motion_row, check_size(size))
+    return np.array([*fr.point("mouth"), *fr.point("eye_l"), *fr.point("eye_r"), fr.K])
+
+
 def head_pixel_scale(identity: Identity, motion_row: Row, size: int = 256) -> float:
     """Pixels per head unit in this frame (the cranium's half-height is one head unit)."""
     return _Frame(identity, motion_row, check_size(size)).K
