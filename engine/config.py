@@ -188,6 +188,13 @@ class TrainStage1Config:
     aam_margin: float = 0.2
     aam_scale: float = 30.0
     w_aux_motion: float = 0.0  # synthetic-world accelerator: supervise alpha with ground truth
+    # with it: alpha's first 14 components are the standardised motion fields themselves (no
+    # learned read-out that could scale a weak direction of alpha up)
+    aux_motion_direct: bool = False
+    # with aux_motion_direct: this fraction of targets is rendered with the true (standardised)
+    # motion in alpha's first 14 components instead of the encoder's reading (teacher forcing),
+    # so the renderer learns to draw a motion before the encoder reads it well. 0 = off.
+    teacher_alpha: float = 0.0
     # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
     # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
     region_weight: float = 0.0
@@ -221,6 +228,11 @@ class TrainStage2Config:
     ema_decay: float = 0.9999
     w_adapter: float = 1.0
     clip_seconds: float = 8.0
+    # Synthetic-world accelerator (needs stage-1 weights trained with aux_motion_direct): the
+    # first 14 components of the training alpha are the world's true standardised motion -- what
+    # such an encoder is trained to read and such a renderer is trained to draw -- instead of
+    # the encoder's imperfect reading of the frames. Off for real data.
+    world_alpha: bool = False
     log_every: int = 10
     ckpt_every: int = 500
     workers: int = 0

@@ -45,6 +45,21 @@ def test_evaluate_reports_all_metrics() -> None:
         assert k in res
     assert math.isfinite(res["pose_control_err_deg"]) and res["diversity"] >= 0
     assert res["long_drift"]["finite"] is True
+    assert res["reenact_lipsync_r_true_alpha"] is None  # only for world_alpha stage 2
+    res = evaluate(
+        s1,
+        s2,
+        cfg,
+        Probe().eval(),
+        clips=1,
+        seconds=1.0,
+        seeds=1,
+        drift_minutes=0,
+        world_alpha=True,
+    )
+    r = res["reenact_lipsync_r_true_alpha"]
+    assert r is None or math.isnan(r) or -1 <= r <= 1
+    assert "long_drift" not in res
 
 
 def test_alpha_lipsync_reads_the_mouth_linearly() -> None:

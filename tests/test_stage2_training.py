@@ -32,7 +32,7 @@ def stage1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     m = Stage1Model(cfg.stage1)
     m.lmd.freeze()
     p = tmp_path_factory.mktemp("s1") / "stage1.safetensors"
-    save_weights(p, m.state_dict(), cfg, kind="stage1")
+    save_weights(p, m.state_dict(), cfg, kind="stage1", meta={"aux_motion_direct": True})
     return p
 
 
@@ -77,6 +77,34 @@ def test_stage1_config_mismatch_is_clear(tmp_path: Path, stage1_file: Path) -> N
     opts = Stage2Options(run_dir=tmp_path, stage1=str(stage1_file), extract_clips=1)
     with pytest.raises(UserError, match="stage-1 weights"):
         Stage2Trainer(cfg, opts, DistInfo())
+
+
+def test_world_alpha_needs_direct_stage1_weights(tmp_path: Path) -> None:
+    cfg = load_config("tiny", [*SMALL, "train.stage2.world_alpha=true"])
+    m = Stage1Model(cfg.stage1)
+    m.lmd.freeze()
+    plain = tmp_path / "plain.safetensors"
+    save_weights(plain, m.state_dict(), cfg, kind="stage1")
+    opts = Stage2Options(run_dir=tmp_path / "run", stage1=str(plain), extract_clips=1)
+    with pytest.raises(UserError, match="aux_motion_direct"):
+        Stage2Trainer(cfg, opts, DistInfo())
+
+
+def test_world_motion_alpha_is_the_standardised_motion() -> None:
+    import numpy as np
+
+    from training.stage1_data import aux_stats
+    from training.stage2_data import world_motion_alpha
+    from training.world.motion import as_array, random_motion
+
+    motion = random_motion(np.random.default_rng(3), 5)
+    enc = torch.randn(5, 20)
+    a = world_motion_alpha(motion, enc)
+    mean, std = aux_stats()
+    want = torch.from_numpy((as_array(motion) - mean) / std)
+    assert torch.allclose(a[:, :14], want) and torch.equal(a[:, 14:], enc[:, 14:])
+    with pytest.raises(UserError, match="do not match"):
+        world_motion_alpha(motion, enc[:4])
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:

@@ -18,6 +18,16 @@ Metrics (all on held-out identities, which training never sees):
   least-squares coefficient of the driver's appearance in the error. 0 = no leakage, 1 = the
   output is the driver.
 - ``copy_psnr``: PSNR of simply repeating the source frame (the floor a model must beat).
+- ``cross_psnr_true_alpha`` (only for weights trained with ``aux_motion_direct``, else null):
+  cross-reenactment as ``cross_psnr`` but with alpha's first 14 components set to the driving
+  clip's true standardised motion -- the renderer's share of the error without the encoder's,
+  and what audio-driven rendering gets from a stage 2 trained with ``world_alpha``.
+- ``alpha_pose_r``, ``alpha_mouth_r``: how much of the world's motion alpha carries. Each
+  held-out identity is drawn in ``frames`` independent random poses/expressions; a
+  least-squares linear read-out of alpha (+ bias) onto the ground-truth fields is fitted on half
+  of the identities and tested on the other half (then the halves swap); the correlation of
+  read-out and truth on the test halves, averaged over yaw/pitch/roll and for mouth opening. What
+  stage 1 cannot read off a frame, no stage-2 model can make it render.
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
   ../shared/data/real/video (null when that folder is absent).
 """
@@ -54,7 +64,13 @@ def load_stage1(path: str | Path | None) -> tuple[Stage1Model, Config, dict]:
         model = Stage1Model(cfg.stage1)
         load_into(model, st["ema"], str(path))
         model.lmd.freeze()
-        meta = {"step": st["step"], "perceptual": st.get("perceptual"), "data": st.get("data")}
+        t = cfg.train.stage1
+        meta = {
+            "step": st["step"],
+            "perceptual": st.get("perceptual"),
+            "data": st.get("data"),
+            "aux_motion_direct": bool(t.aux_motion_direct and t.w_aux_motion > 0),
+        }
         return model.eval(), cfg, meta
     return loading.load_stage1(path)
 
@@ -77,9 +93,16 @@ def _face_box(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_synthetic(
-    model: Stage1Model, cfg: Config, n_ids: int = 8, frames: int = 40, seed: int = 1234
+    model: Stage1Model,
+    cfg: Config,
+    n_ids: int = 8,
+    frames: int = 40,
+    seed: int = 1234,
+    direct: bool = False,
 ) -> dict[str, float]:
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
+    from training.world.motion import MOTION_FIELDS, random_motion
+    from training.world.motion import as_array as motion_array
     from training.world.render import face_regions
 
     size = cfg.stage1.image_size
@@ -87,17 +110,24 @@ def eval_synthetic(
     if len(ids) < 2:
         raise UserError("stage-1 eval needs at least 2 held-out identities")
     rng = np.random.default_rng(seed)
+    rng_r = np.random.default_rng(seed + 1)
     clips = {}
     for i in ids:
         motion = clip_motion_only(cfg.world, int(i), frames, rng)
         clips[int(i)] = (get_identity(cfg.world, int(i)), motion)
     sp, ss, sf, cp, cs, leak, copy = [], [], [], [], [], [], []
-    mouth, copy_mouth = [], []
+    mouth, copy_mouth, cp_true = [], [], []
+    alphas, truths = [], []
     for k, a in enumerate(clips):
         ident_a, mot_a = clips[a]
         video = to_tensor(render_frames(ident_a, mot_a, size))
         src, tgt = video[:1], video[1:]
         out = reenact_frames(model, src, tgt)
+        # independent random poses/expressions of this identity: alpha's motion read-out
+        mot_r = random_motion(rng_r, frames)
+        frames_r = to_tensor(render_frames(ident_a, mot_r, size))
+        alphas.append(model.motion(model.encode(frames_r)[0]).float().numpy())
+        truths.append(motion_array(mot_r))
         sp.append(psnr(out, tgt))
         ss.append(ssim(out, tgt))
         sf.append(psnr(_face_box(out), _face_box(tgt)))
@@ -115,6 +145,12 @@ def eval_synthetic(
         truth = to_tensor(render_frames(ident_a, mot_b[1:], size))
         out_x = reenact_frames(model, src, driving)
         cp.append(psnr(out_x, truth))
+        if direct:
+            from training.stage2_data import world_motion_alpha
+
+            h_a, feats_a = model.encode(src)
+            alpha = world_motion_alpha(mot_b[1:], model.motion(model.encode(driving)[0]))
+            cp_true.append(psnr(model.render(h_a, feats_a, alpha).clamp(-1, 1), truth))
         cs.append(ssim(out_x, truth))
         d = (driving - truth).flatten(1)
         e = (out_x - truth).flatten(1)
@@ -126,6 +162,8 @@ def eval_synthetic(
     def mean(xs: list[torch.Tensor]) -> float:
         return float(torch.cat(xs).mean()) if xs else float("nan")
 
+    r = readout_r(alphas, truths)
+    pose = [MOTION_FIELDS.index(f) for f in ("yaw", "pitch", "roll")]
     return {
         "self_psnr": mean(sp),
         "self_ssim": mean(ss),
@@ -134,9 +172,34 @@ def eval_synthetic(
         "copy_mouth_psnr": mean(copy_mouth),
         "cross_psnr": mean(cp),
         "cross_ssim": mean(cs),
+        "cross_psnr_true_alpha": mean(cp_true),
         "id_leakage": mean(leak),
         "copy_psnr": mean(copy),
+        "alpha_pose_r": float(np.mean(r[pose])),
+        "alpha_mouth_r": float(r[MOTION_FIELDS.index("mouth_open")]),
     }
+
+
+def readout_r(alphas: list[np.ndarray], truths: list[np.ndarray]) -> np.ndarray:
+    """Per field, the held-out correlation of a linear read-out of alpha: clips (lists of
+    (T, motion_dim) alpha and (T, F) truth) split in two halves, fit least squares on one half,
+    test on the other, both ways; correlations pooled over both test halves -> (F,)."""
+    if len(alphas) < 2:
+        return np.full(truths[0].shape[1] if truths else 0, np.nan)
+    h = len(alphas) // 2
+    preds, gts = [], []
+    for fit, test in ((slice(0, h), slice(h, None)), (slice(h, None), slice(0, h))):
+        a = np.concatenate(alphas[fit])
+        w = np.linalg.lstsq(np.c_[a, np.ones(len(a))], np.concatenate(truths[fit]), rcond=None)[0]
+        at = np.concatenate(alphas[test])
+        preds.append(np.c_[at, np.ones(len(at))] @ w)
+        gts.append(np.concatenate(truths[test]))
+    p, g = np.concatenate(preds), np.concatenate(gts)
+    r = np.full(g.shape[1], np.nan)
+    for j in range(g.shape[1]):
+        if p[:, j].std() > 1e-8 and g[:, j].std() > 1e-8:
+            r[j] = float(np.corrcoef(p[:, j], g[:, j])[0, 1])
+    return r
 
 
 @torch.no_grad()
@@ -174,7 +237,8 @@ def evaluate(checkpoint: str | None, n_ids: int, frames: int, real: bool) -> dic
     model, cfg, meta = load_stage1(checkpoint)
     res: dict[str, Any] = {"checkpoint": str(checkpoint or "bundled"), "config": cfg.name}
     res.update(meta=meta)
-    res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames))
+    direct = bool(meta.get("aux_motion_direct"))
+    res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames, direct=direct))
     if real:
         res.update(eval_real(model, cfg, REAL_VIDEO_DIR, frames=frames))
     else:

@@ -22,6 +22,9 @@ every generated frame. Its own held-out accuracy is printed with the results (``
   of each clip and rendered on the portrait -- the ceiling ``lipsync_r`` can reach with this
   stage-1 model (low: the renderer does not draw the mouth; high while ``lipsync_r`` is low:
   stage 2 does not move it).
+- ``reenact_lipsync_r_true_alpha`` (stage-2 weights trained with ``world_alpha`` only): the
+  same with alpha's first 14 components set to the clip's true standardised motion -- what
+  that stage 2 is trained to produce; then the read-out below is fitted on that alpha too.
 - ``alpha_lipsync_r``: lip sync in motion space, renderer left out: a linear read-out of the
   mouth opening from α, fitted (least squares, on these clips) on α encoded from the world's
   frames, applied to the generated α; ``alpha_mouth_r_encoded`` is that read-out's own r on
@@ -47,7 +50,7 @@ from engine.models.stage2 import Stage2Nets
 from engine.session_api import Controls
 from engine.tensors import to_tensor
 from engine.windowing import ControlTrack, WindowPlan, generate_offline, offline_features
-from training.stage2_data import encode_frames
+from training.stage2_data import encode_frames, world_motion_alpha
 
 PROBE_PATH = Path(__file__).resolve().parent.parent / "weights" / "probe.safetensors"
 
@@ -156,14 +159,18 @@ def evaluate(
     seeds: int = 3,
     drift_minutes: float = 10.0,
     steps: int | None = None,
+    world_alpha: bool = False,
 ) -> dict[str, Any]:
+    """world_alpha: stage 2 was trained on the world's true motion in alpha's first components
+    (``train.stage2.world_alpha``); the motion-space read-out is then fitted on that alpha, and
+    ``reenact_lipsync_r_true_alpha`` renders it."""
     from training.world import get_identity, heldout_ids, make_clip, neutral_motion, render_frames
 
     gen = Generator(s1, s2, cfg, steps)
     size = s1.cfg.image_size
     ids = heldout_ids(cfg.world)
     mouth_gen, mouth_gt, r_clips, lags, pose_err, div, div_r = [], [], [], [], [], [], []
-    long_audio, reenact_gen, alpha_true, alpha_gen = [], [], [], []
+    long_audio, reenact_gen, alpha_true, alpha_gen, reenact_true = [], [], [], [], []
     for k in range(clips):
         ident = int(ids[k % len(ids)])
         clip = make_clip(
@@ -177,6 +184,9 @@ def evaluate(
         assert clip.frames is not None
         a_true = encode_frames(s1, clip.frames)[1]
         reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
+        if world_alpha:
+            a_true = world_motion_alpha(clip.motion, a_true)
+            reenact_true.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         alpha_true.append(a_true[: len(gt)].double().numpy())
         alphas = []
         for seed in range(seeds):
@@ -202,6 +212,11 @@ def evaluate(
     res: dict[str, Any] = {
         "lipsync_r": _pearson(all_gen, all_gt),
         "reenact_lipsync_r": _pearson(np.concatenate(reenact_gen).astype(np.float64), all_gt),
+        "reenact_lipsync_r_true_alpha": _pearson(
+            np.concatenate(reenact_true).astype(np.float64), all_gt
+        )
+        if reenact_true
+        else None,
         **alpha_lipsync(np.concatenate(alpha_true), np.concatenate(alpha_gen), all_gt),
         "lipsync_r_per_clip": [round(r, 4) for r in r_clips],
         "av_offset_ms": float(np.median(lags) * 40.0),
@@ -262,7 +277,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the stage-2 checkpoint was trained on another stage-1 config")
     probe, acc = load_probe(Path(args.probe))
     res = evaluate(
-        s1, s2, cfg, probe, args.clips, args.seconds, args.seeds, args.drift_minutes, args.steps
+        s1,
+        s2,
+        cfg,
+        probe,
+        args.clips,
+        args.seconds,
+        args.seeds,
+        args.drift_minutes,
+        args.steps,
+        world_alpha=bool(meta.get("world_alpha")),
     )
     res["probe"] = acc
     res["checkpoint"] = args.checkpoint or "bundled"

@@ -6,8 +6,9 @@
 
 Loss (ARCHITECTURE.md §2): L1 + 0.1·perceptual + 1·adversarial (non-saturating, StyleGAN2 D with
 lazy R1) + 0.1·CLUB MI upper bound(z_id, z_m) + 0.1·AAM-softmax(z_id; m 0.2, s 30), plus the
-optional synthetic-world accelerator ``w_aux_motion`` (a linear read-out of alpha regressed onto
-the world's ground-truth motion; off in the paper recipe). Three optimisers: generator side
+optional synthetic-world accelerator ``w_aux_motion`` (alpha regressed onto the world's
+standardised ground-truth motion, by a learned linear read-out or, with ``aux_motion_direct``,
+alpha's first components themselves; off in the paper recipe). Three optimisers: generator side
 (E, heads, LMD, G, AAM centres), discriminator, CLUB estimator; they alternate each step.
 """
 
@@ -49,9 +50,11 @@ from training.common import (
 from training.losses import d_logistic, g_nonsat, make_perceptual, psnr, r1_penalty
 from training.stage1_data import (
     AUX_FIELDS,
+    DirectReadout,
     RealPairs,
     Stage1Batch,
     SyntheticPairs,
+    aux_stats,
     region_weights,
 )
 
@@ -65,10 +68,22 @@ class GeneratorStep(nn.Module):
         self.aam = aam
         self.aux = aux
 
-    def forward(self, b: Stage1Batch) -> dict[str, torch.Tensor]:
+    def forward(
+        self, b: Stage1Batch, teacher: torch.Tensor | None = None, use: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """teacher (B, k) / use (B,) bool: render item i with alpha's first k components set to
+        teacher[i] where use[i] (flagged teacher forcing; None: the encoder's alpha)."""
         use_neg = b.negative is not None
         extra = b.augmented if b.negative is None else torch.cat([b.augmented, b.negative])
-        out = self.model(b.source, b.target, extra)
+        render_alpha = None
+        if teacher is not None and use is not None:
+            k = teacher.shape[1]
+
+            def render_alpha(a: torch.Tensor) -> torch.Tensor:
+                head = torch.where(use[:, None], teacher.to(a.dtype), a[:, :k])
+                return torch.cat([head, a[:, k:]], dim=1)
+
+        out = self.model(b.source, b.target, extra, render_alpha)
         n = b.source.shape[0]
         assert out.z_id_extra is not None and out.z_m_extra is not None
         # identity classes: source, target (same identity, other motion), augmented, negative
@@ -93,6 +108,7 @@ class GeneratorStep(nn.Module):
         }
         if self.aux is not None:
             res["aux_pred"] = self.aux(out.alpha_tgt.float())
+            res["aux_pred_src"] = self.aux(out.alpha_src.float())
         return res
 
 
@@ -131,7 +147,19 @@ class Stage1Trainer:
             cfg.stage1.latent_dim, self.data.num_classes, t.aam_margin, t.aam_scale
         ).to(dev)
         use_aux = t.w_aux_motion > 0 and isinstance(self.data, SyntheticPairs)
-        self.aux = nn.Linear(cfg.stage1.motion_dim, len(AUX_FIELDS)).to(dev) if use_aux else None
+        self.aux: nn.Module | None = None
+        if use_aux and t.aux_motion_direct:
+            if cfg.stage1.motion_dim < len(AUX_FIELDS):
+                raise UserError(
+                    f"train.stage1.aux_motion_direct needs stage1.motion_dim >= "
+                    f"{len(AUX_FIELDS)} (the world's motion fields), got {cfg.stage1.motion_dim}"
+                )
+            self.aux = DirectReadout(len(AUX_FIELDS))
+        elif use_aux:
+            self.aux = nn.Linear(cfg.stage1.motion_dim, len(AUX_FIELDS)).to(dev)
+        mean, std = aux_stats()
+        self.aux_mean = torch.from_numpy(mean).to(dev)
+        self.aux_std = torch.from_numpy(std).to(dev)
         self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
         self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
         self.perceptual: nn.Module = make_perceptual(t.vgg_path).to(dev)
@@ -234,6 +262,10 @@ class Stage1Trainer:
                 "perceptual": getattr(self.perceptual, "kind", "?"),
                 "data": self.opts.data,
                 "aux_motion_loss": self.t.w_aux_motion if self.aux is not None else 0.0,
+                "aux_motion_direct": bool(self.aux is not None and self.t.aux_motion_direct),
+                "teacher_alpha": self.t.teacher_alpha
+                if isinstance(self.aux, DirectReadout)
+                else 0.0,
                 "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
             },
@@ -271,7 +303,15 @@ class Stage1Trainer:
         self.disc.requires_grad_(False)
         self.club.requires_grad_(False)
         with self._autocast():
-            out = self.gstep(b)
+            teacher = use = None
+            if self.aux is not None and b.gt_target is not None:
+                gt = (b.gt_target - self.aux_mean) / self.aux_std
+                if isinstance(self.aux, DirectReadout) and t.teacher_alpha > 0:
+                    # flagged accelerator: some items render with the true motion in alpha
+                    teacher = gt
+                    use = torch.rand(gt.shape[0], generator=g).to(gt.device) < t.teacher_alpha
+                    logs["teacher_frac"] = float(use.float().mean())
+            out = self.gstep(b, teacher, use)
             recon = out["recon"].float()
             err = (recon - b.target).abs()
             l1 = err.mean()
@@ -293,7 +333,13 @@ class Stage1Trainer:
                 loss = loss + t.w_adv * adv
                 logs["g_adv"] = float(adv.detach())
             if self.aux is not None and b.gt_target is not None:
-                aux = F.mse_loss(out["aux_pred"], b.gt_target)
+                # the encoder's readings (never the teacher's) of target and, if known, source
+                pred, gts = [out["aux_pred"]], [b.gt_target]
+                if b.gt_source is not None:
+                    pred.append(out["aux_pred_src"])
+                    gts.append(b.gt_source)
+                true = (torch.cat(gts) - self.aux_mean) / self.aux_std
+                aux = F.mse_loss(torch.cat(pred).float(), true)
                 loss = loss + t.w_aux_motion * aux
                 logs["aux_motion"] = float(aux.detach())
         if not torch.isfinite(loss):

@@ -28,11 +28,38 @@ from training.world.motion import MOTION_FIELDS
 AUX_FIELDS = MOTION_FIELDS
 
 
+def aux_stats(n: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread (len(AUX_FIELDS),) float32 of the world's motion fields over independent
+    random poses/expressions (fixed seed): the auxiliary loss regresses standardised fields, so
+    every field weighs alike (raw, the head angles' spread is ~0.05 and the loss ignored them)."""
+    from training.world import motion
+
+    assert AUX_FIELDS == motion.MOTION_FIELDS
+    v = motion.as_array(motion.random_motion(np.random.default_rng(0), n)).astype(np.float64)
+    return v.mean(0).astype(np.float32), np.maximum(v.std(0), 1e-3).astype(np.float32)
+
+
+class DirectReadout(torch.nn.Module):
+    """The auxiliary read-out with no weights: alpha's first ``k`` components *are* the
+    standardised motion fields. A learned linear read-out lets the encoder carry a field in a
+    direction of alpha too small for the renderer to use (measured: a full mouth opening moved
+    alpha by ~0.01 against ~0.12 spread, and the renderer never drew it); here each field has
+    unit spread in its own LMD direction."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, alpha: torch.Tensor) -> torch.Tensor:
+        return alpha[:, : self.k]
+
+
 @dataclass
 class Stage1Batch:
     """Images (B, 3, S, S) float32 in [-1, 1]; labels (B,) int64 identity classes.
 
-    gt_target: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target, or None.
+    gt_target / gt_source: (B, len(AUX_FIELDS)) float32 ground-truth motion of the target /
+    the source, or None.
     regions: (B, 7) float32 ``face_regions`` of the target (mouth, left eye, right eye pixel
     (x, y), pixels per head unit) -- synthetic world only, for ``region_weights``; or None."""
 
@@ -44,6 +71,7 @@ class Stage1Batch:
     label_negative: torch.Tensor
     gt_target: torch.Tensor | None = None
     regions: torch.Tensor | None = None
+    gt_source: torch.Tensor | None = None
 
 
 def region_weights(regions: torch.Tensor, size: int, peak: float) -> torch.Tensor:
@@ -131,7 +159,7 @@ class SyntheticPairs:
         from training.world import get_identity, motion, render_frames
         from training.world.render import face_regions
 
-        src, tgt, neg, gts, regions = [], [], [], [], []
+        src, tgt, neg, gts, gts_src, regions = [], [], [], [], [], []
         ids = rng.choice(self.ids, size=batch, replace=False)
         neg_ids = rng.choice(self.ids, size=batch, replace=False)
         for k, (i, nid) in enumerate(zip(ids, neg_ids)):
@@ -154,6 +182,7 @@ class SyntheticPairs:
                 )[0]
             )
             gts.append([float(m_tgt[f][0]) for f in AUX_FIELDS])
+            gts_src.append([float(m_src[f][0]) for f in AUX_FIELDS])
             regions.append(face_regions(ident, m_tgt[0], self.size))
             neg_ids[k] = nid
         source = to_tensor(np.stack(src))
@@ -165,6 +194,7 @@ class SyntheticPairs:
             label_source=torch.from_numpy(ids.astype(np.int64)),
             label_negative=torch.from_numpy(neg_ids.astype(np.int64)),
             gt_target=torch.tensor(gts, dtype=torch.float32),
+            gt_source=torch.tensor(gts_src, dtype=torch.float32),
             regions=torch.from_numpy(np.stack(regions)).float(),
         )
 

@@ -93,7 +93,7 @@ class Stage2Trainer:
 
         self.cfg, self.opts, self.dist = cfg, opts, info
         self.t = cfg.train.stage2
-        s1, s1_cfg, _ = load_stage1(opts.stage1)
+        s1, s1_cfg, s1_meta = load_stage1(opts.stage1)
         if s1_cfg.stage1 != cfg.stage1:
             raise UserError(
                 f"the stage-1 weights were trained with config '{s1_cfg.name}', whose [stage1] "
@@ -107,7 +107,21 @@ class Stage2Trainer:
         if not data_path.exists():
             if info.is_main:
                 seconds = opts.clip_seconds or self.t.clip_seconds
-                extract(s1, cfg, data_path, opts.extract_clips, seconds, seed=cfg.train.seed)
+                if self.t.world_alpha and not s1_meta.get("aux_motion_direct"):
+                    raise UserError(
+                        "train.stage2.world_alpha needs stage-1 weights trained with "
+                        f"train.stage1.aux_motion_direct; {opts.stage1 or 'the bundled weights'} "
+                        "were not"
+                    )
+                extract(
+                    s1,
+                    cfg,
+                    data_path,
+                    opts.extract_clips,
+                    seconds,
+                    seed=cfg.train.seed,
+                    world_alpha=self.t.world_alpha,
+                )
             if info.enabled:
                 import torch.distributed as dist
 
@@ -165,7 +179,12 @@ class Stage2Trainer:
             self.cfg,
             kind="stage2",
             dtype=torch.float16,
-            meta={"step": self.step, "clips": len(self.clips), "stage1": str(self.opts.stage1)},
+            meta={
+                "step": self.step,
+                "clips": len(self.clips),
+                "stage1": str(self.opts.stage1),
+                "world_alpha": self.t.world_alpha,
+            },
         )
 
     def _to(self, b: Stage2Batch) -> Stage2Batch:

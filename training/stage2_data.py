@@ -53,6 +53,19 @@ def encode_frames(model: Stage1Model, frames: np.ndarray, batch: int = 16):
     return torch.cat(hs), torch.cat(alphas)
 
 
+def world_motion_alpha(motion: np.ndarray, alpha: torch.Tensor) -> torch.Tensor:
+    """(T,) MOTION_DTYPE + the encoder's alpha (T, motion_dim) -> alpha with its first 14
+    components replaced by the standardised motion (the stage-1 aux read-out's units)."""
+    from training.stage1_data import aux_stats
+    from training.world.motion import as_array
+
+    mean, std = aux_stats()
+    true = torch.from_numpy((as_array(motion) - mean) / std).to(alpha.dtype)
+    if alpha.shape[1] < true.shape[1] or len(true) != len(alpha):
+        raise UserError("world_alpha: alpha and the clip's motion do not match")
+    return torch.cat([true, alpha[:, true.shape[1] :]], dim=1)
+
+
 def clip_features(cfg: Config, audio: np.ndarray, plan: WindowPlan) -> torch.Tensor:
     """Log-mel of the clip, zero-padded at the end for the last windows' look-ahead."""
     front = LogMelFrontend(cfg.stage2.audio)
@@ -70,8 +83,11 @@ def extract(
     seed: int = 0,
     split: str = "train",
     progress: bool = True,
+    world_alpha: bool = False,
 ) -> Path:
-    """Render ``clips`` synthetic clips, encode them, save them to ``out`` (a .pt file)."""
+    """Render ``clips`` synthetic clips, encode them, save them to ``out`` (a .pt file).
+    world_alpha: alpha's first 14 components are the world's standardised motion (see
+    ``TrainStage2Config.world_alpha``), the rest the encoder's."""
     from tqdm import tqdm
 
     from training.world import identity as wid
@@ -88,6 +104,8 @@ def extract(
         clip = make_clip(cfg.world, ident, seconds, size=size, seed=seed * 100003 + k, split=split)
         assert clip.frames is not None
         h, alpha = encode_frames(model, clip.frames)
+        if world_alpha:
+            alpha = world_motion_alpha(clip.motion, alpha)
         ctrl = np.stack([np.asarray(clip.motion[f], np.float32) for f in CONTROL_FIELDS], 1)
         items.append(
             {

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -524,16 +525,27 @@ class Stage1Model(nn.Module):
         """Source code + pyramid (batch 1 or B) and B motion vectors -> (B, 3, S, S) in [-1, 1]."""
         return self.renderer(self.latent(h_src, alpha), feats_src)
 
-    def forward(self, source: Tensor, target: Tensor, extra: Tensor | None = None) -> Stage1Output:
+    def forward(
+        self,
+        source: Tensor,
+        target: Tensor,
+        extra: Tensor | None = None,
+        render_alpha: Callable[[Tensor], Tensor] | None = None,
+    ) -> Stage1Output:
         """Training step: encode source, target (and extra) in one batched pass, rebuild the
-        target from the source. source/target: (B, 3, S, S); extra: (N, 3, S, S) or None."""
+        target from the source. source/target: (B, 3, S, S); extra: (N, 3, S, S) or None.
+        render_alpha: maps the target's alpha (B, motion_dim) to the alpha the target is
+        rendered with (training-time teacher forcing); None renders the encoder's alpha."""
         b = source.shape[0]
         imgs = [source, target] + ([extra] if extra is not None else [])
         h, feats = self.encoder(torch.cat(imgs, dim=0))
         z_id = self.identity_head(h)
         z_m, alpha = self.motion_head(h)
+        alpha_r = alpha[b : 2 * b]
+        if render_alpha is not None:
+            alpha_r = render_alpha(alpha_r)
         recon, _, masks = self.renderer.forward_aux(
-            self.latent(h[:b], alpha[b : 2 * b]), [f[:b] for f in feats]
+            self.latent(h[:b], alpha_r), [f[:b] for f in feats]
         )
         has_extra = extra is not None
         return Stage1Output(
