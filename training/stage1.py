@@ -158,8 +158,8 @@ class Stage1Trainer:
         elif use_aux:
             self.aux = nn.Linear(cfg.stage1.motion_dim, len(AUX_FIELDS)).to(dev)
         mean, std = aux_stats()
-        self.aux_mean = torch.from_numpy(mean).to(dev)
-        self.aux_std = torch.from_numpy(std).to(dev)
+        self.aux_mean = torch.tensor(mean, device=dev)
+        self.aux_std = torch.tensor(std, device=dev)
         self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
         self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
         self.perceptual: nn.Module = make_perceptual(t.vgg_path).to(dev)
@@ -303,13 +303,16 @@ class Stage1Trainer:
         self.disc.requires_grad_(False)
         self.club.requires_grad_(False)
         with self._autocast():
-            teacher = use = None
+            teacher = use = true = None
             if self.aux is not None and b.gt_target is not None:
-                gt = (b.gt_target - self.aux_mean) / self.aux_std
+                # standardised true motion of target and, if known, source (the aux targets)
+                gts = [b.gt_target] + ([b.gt_source] if b.gt_source is not None else [])
+                true = (torch.cat(gts) - self.aux_mean) / self.aux_std
                 if isinstance(self.aux, DirectReadout) and t.teacher_alpha > 0:
                     # flagged accelerator: some items render with the true motion in alpha
-                    teacher = gt
-                    use = torch.rand(gt.shape[0], generator=g).to(gt.device) < t.teacher_alpha
+                    teacher = true[: b.gt_target.shape[0]]
+                    use = torch.rand(teacher.shape[0], generator=g).to(teacher.device)
+                    use = use < t.teacher_alpha
                     logs["teacher_frac"] = float(use.float().mean())
             out = self.gstep(b, teacher, use)
             recon = out["recon"].float()
@@ -332,13 +335,11 @@ class Stage1Trainer:
                 adv = g_nonsat(self.disc(recon))
                 loss = loss + t.w_adv * adv
                 logs["g_adv"] = float(adv.detach())
-            if self.aux is not None and b.gt_target is not None:
+            if true is not None:
                 # the encoder's readings (never the teacher's) of target and, if known, source
-                pred, gts = [out["aux_pred"]], [b.gt_target]
-                if b.gt_source is not None:
-                    pred.append(out["aux_pred_src"])
-                    gts.append(b.gt_source)
-                true = (torch.cat(gts) - self.aux_mean) / self.aux_std
+                pred = [out["aux_pred"]] + (
+                    [out["aux_pred_src"]] if b.gt_source is not None else []
+                )
                 aux = F.mse_loss(torch.cat(pred).float(), true)
                 loss = loss + t.w_aux_motion * aux
                 logs["aux_motion"] = float(aux.detach())

@@ -12,6 +12,7 @@ optional auxiliary loss) and a dataset prepared by ``livehead data prepare`` fro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from training.world.motion import MOTION_FIELDS
 AUX_FIELDS = MOTION_FIELDS
 
 
+@functools.lru_cache(maxsize=4)
 def aux_stats(n: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Mean and spread (len(AUX_FIELDS),) float32 of the world's motion fields over independent
     random poses/expressions (fixed seed): the auxiliary loss regresses standardised fields, so
@@ -36,7 +38,10 @@ def aux_stats(n: int = 16384) -> tuple[np.ndarray, np.ndarray]:
 
     assert AUX_FIELDS == motion.MOTION_FIELDS
     v = motion.as_array(motion.random_motion(np.random.default_rng(0), n)).astype(np.float64)
-    return v.mean(0).astype(np.float32), np.maximum(v.std(0), 1e-3).astype(np.float32)
+    mean, std = v.mean(0).astype(np.float32), np.maximum(v.std(0), 1e-3).astype(np.float32)
+    mean.setflags(write=False)  # cached: shared by every caller
+    std.setflags(write=False)
+    return mean, std
 
 
 class DirectReadout(torch.nn.Module):
