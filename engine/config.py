@@ -44,6 +44,10 @@ class Stage1Config:
     dec_channels: list[int] = field(default_factory=lambda: [512, 512, 512, 512, 256, 128, 64])
     club_hidden: int = 512  # CLUB variational network width
     blur_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])
+    # livehead extension (off = LIA/AniTalker): each level's RGB also reads the renderer's own
+    # features where the occlusion mask hides the warped source, ToRGB'(x·(1-m)), so it can
+    # paint what the source does not show (an open mouth from a closed one). Starts at zero.
+    paint: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +202,20 @@ class TrainStage1Config:
     # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
     # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
     region_weight: float = 0.0
+    # A renderer-only phase (livehead curriculum, not the paper's): the encoder, its heads and
+    # Q are frozen; only the renderer trains, on L1 + perceptual (+ adversarial), with teacher
+    # forcing if set. No identity/MI/aux losses. ~3x cheaper steps (the encoder's backward over
+    # every image is most of a step), for teaching the renderer to draw the motion it is given.
+    renderer_only: bool = False
     # Pairs: this fraction has a target near the source (each motion field moved by Gaussian
     # noise of u * its typical spread, u uniform in [0, near_amount]), as two frames of one
     # video are; the rest pair two independent poses/expressions of the identity.
     near_pairs: float = 0.3
     near_amount: float = 0.3
+    # synthetic-world accelerator: this fraction of sources has the mouth closed and at rest,
+    # as an avatar portrait does, so the renderer learns to open a mouth it can see is closed
+    # (a source's mouth state is otherwise only as known as the encoder reads it). 0 = off.
+    closed_source: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

@@ -204,6 +204,37 @@ def test_renderer_flow_is_zero_at_init(model64: Stage1Model) -> None:
         torch.testing.assert_close(m, torch.full_like(m, 0.5))
 
 
+def test_paint_starts_as_the_plain_renderer_and_paints_where_masked() -> None:
+    """``paint``: a zero paint conv gives exactly the plain (LIA) renderer; a non-zero one
+    changes the image, and only through the renderer's features where the mask hides the
+    source (a mask of 1 everywhere leaves the output as the plain renderer's)."""
+    torch.manual_seed(0)
+    plain = Stage1Model(tiny(32)).eval()
+    painted = Stage1Model(dataclasses.replace(tiny(32), paint=True)).eval()
+    state = plain.state_dict()
+    missing = painted.load_state_dict(state, strict=False).missing_keys
+    assert missing and all(k.endswith(".paint.weight") for k in missing)
+    with torch.no_grad():
+        for tf in (*plain.renderer.to_flows, *painted.renderer.to_flows):
+            tf.conv.weight.normal_(0, 0.5)  # flows and masks that vary over the image
+        painted.load_state_dict(plain.state_dict(), strict=False)
+        h, feats = plain.encode(images(1, 32, 3))
+        alpha = torch.randn(2, plain.cfg.motion_dim)
+        torch.testing.assert_close(
+            painted.render(h, feats, alpha), plain.render(h, feats, alpha), atol=0, rtol=0
+        )
+        for rgb in painted.renderer.to_rgbs:
+            assert rgb.paint is not None
+            rgb.paint.weight.normal_()
+        changed = painted.render(h, feats, alpha)
+        assert (changed - plain.render(h, feats, alpha)).abs().mean() > 1e-3
+        for tf in (*plain.renderer.to_flows, *painted.renderer.to_flows):
+            tf.bias.data[2] = 30.0  # mask = sigmoid(>>0) = 1: nothing hidden, nothing painted
+        torch.testing.assert_close(
+            painted.render(h, feats, alpha), plain.render(h, feats, alpha), atol=1e-5, rtol=0
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Batching, gradients, bf16
 # --------------------------------------------------------------------------------------------

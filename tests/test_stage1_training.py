@@ -106,6 +106,24 @@ def test_near_pairs_setting() -> None:
     assert not any(torch.equal(apart.source[i], apart.target[i]) for i in range(3))
 
 
+def test_closed_source_setting() -> None:
+    """closed_source = 1: every source's mouth is closed and at rest (the target's is drawn as
+    usual); 0: sources open their mouths as often as random motion does."""
+    import numpy as np
+
+    from training.stage1_data import AUX_FIELDS, SyntheticPairs
+
+    cfg = load_config("tiny")
+    k = AUX_FIELDS.index("mouth_open")
+    rng, g = np.random.default_rng(2), torch.Generator().manual_seed(0)
+    closed = SyntheticPairs(cfg.world, 64, near_pairs=0.0, closed_source=1.0).sample(rng, g, 8)
+    assert closed.gt_source is not None and closed.gt_target is not None
+    assert torch.equal(closed.gt_source[:, k : k + 3], torch.tensor([[0.0, 0.5, 0.0]] * 8))
+    assert (closed.gt_target[:, k] > 0).any()
+    free = SyntheticPairs(cfg.world, 64, near_pairs=0.0).sample(rng, g, 8)
+    assert free.gt_source is not None and (free.gt_source[:, k] > 0).any()
+
+
 def test_aux_motion_readouts(tmp_path: Path) -> None:
     """The flagged accelerator regresses standardised fields; 'direct' has no read-out weights
     (alpha's first 14 components are the fields), the default a learned linear map."""
@@ -163,6 +181,45 @@ def test_teacher_forcing_renders_the_true_motion(tmp_path: Path) -> None:
     assert not torch.allclose(out["recon"][:1], plain, atol=1e-3)
     rec = t.train_step()
     assert 0 <= rec["teacher_frac"] <= 1
+
+
+def test_renderer_only_phase_trains_only_the_renderer(tmp_path: Path) -> None:
+    """train.stage1.renderer_only: encoder, heads and Q stay exactly as they were; the renderer
+    moves; no identity/MI/aux terms are logged; warm start from a plain file into a ``paint``
+    model works (paint convs at zero)."""
+    a = _trainer(tmp_path / "a", steps=1)
+    a.fit()
+    w = tmp_path / "a" / "stage1.safetensors"
+    extra = (
+        "stage1.paint=true",
+        "train.stage1.renderer_only=true",
+        "train.stage1.aux_motion_direct=true",
+        "train.stage1.teacher_alpha=1.0",
+    )
+    cfg = load_config("tiny", [*SMALL, *extra])
+    b = Stage1Trainer(
+        cfg, Stage1Options(run_dir=tmp_path / "b", steps=2, init_from=str(w)), DistInfo()
+    )
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in before.items() if ".paint." in k)
+    rec = b.train_step()
+    assert "metric" not in rec and "mi" not in rec and "aux_motion" not in rec
+    assert rec["teacher_frac"] == 1.0
+    rec = b.train_step()
+    after = b.model.state_dict()
+    frozen = ("encoder.", "identity_head.", "motion_head.", "lmd.")
+    for k, v in after.items():
+        if k.startswith(frozen):
+            assert torch.equal(v, before[k]), k
+    moved = [
+        k for k, v in after.items() if k.startswith("renderer.") and not torch.equal(v, before[k])
+    ]
+    assert any(".paint." in k for k in moved) and any("to_flows" in k for k in moved)
+    b.fit()  # checkpoint + export with the phase recorded
+    from engine.weights import load_weights
+
+    _, saved, meta = load_weights(tmp_path / "b" / "stage1.safetensors", "stage1")
+    assert saved.stage1.paint and meta["renderer_only"] is True
 
 
 def test_alpha_readout_r() -> None:

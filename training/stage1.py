@@ -15,9 +15,11 @@ alpha's first components themselves; off in the paper recipe). Three optimisers:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +64,18 @@ from training.stage1_data import (
 class GeneratorStep(nn.Module):
     """Everything the generator-side loss needs in one forward, so DDP can wrap it."""
 
-    def __init__(self, model: Stage1Model, aam: ArcMarginProduct, aux: nn.Module | None):
+    def __init__(
+        self,
+        model: Stage1Model,
+        aam: ArcMarginProduct,
+        aux: nn.Module | None,
+        renderer_only: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.aam = aam
         self.aux = aux
+        self.renderer_only = renderer_only
 
     def forward(
         self, b: Stage1Batch, teacher: torch.Tensor | None = None, use: torch.Tensor | None = None
@@ -83,6 +92,8 @@ class GeneratorStep(nn.Module):
                 head = torch.where(use[:, None], teacher.to(a.dtype), a[:, :k])
                 return torch.cat([head, a[:, k:]], dim=1)
 
+        if self.renderer_only:
+            return self._render_only(b, render_alpha)
         out = self.model(b.source, b.target, extra, render_alpha)
         n = b.source.shape[0]
         assert out.z_id_extra is not None and out.z_m_extra is not None
@@ -111,6 +122,23 @@ class GeneratorStep(nn.Module):
             res["aux_pred_src"] = self.aux(out.alpha_src.float())
         return res
 
+    def _render_only(
+        self, b: Stage1Batch, render_alpha: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """The renderer-only phase: frozen encoding of source and target (no extras), the
+        target rendered from the source."""
+        m, n = self.model, b.source.shape[0]
+        with torch.no_grad():
+            h, feats = m.encode(torch.cat([b.source, b.target]))
+            alpha = m.motion(h[n:])
+        if render_alpha is not None:
+            alpha = render_alpha(alpha)
+        recon, _, masks = m.renderer.forward_aux(m.latent(h[:n], alpha), [f[:n] for f in feats])
+        return {
+            "recon": recon,
+            "mask_means": torch.stack([k.detach().float().mean() for k in masks]),
+        }
+
 
 @dataclass
 class Stage1Options:
@@ -133,7 +161,7 @@ class Stage1Trainer:
         size = cfg.stage1.image_size
         if opts.data == "synthetic":
             self.data: SyntheticPairs | RealPairs = SyntheticPairs(
-                cfg.world, size, t.near_pairs, t.near_amount
+                cfg.world, size, t.near_pairs, t.near_amount, t.closed_source
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -163,7 +191,19 @@ class Stage1Trainer:
         self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
         self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
         self.perceptual: nn.Module = make_perceptual(t.vgg_path).to(dev)
-        self.gstep: nn.Module = GeneratorStep(self.model, self.aam, self.aux)
+        if t.renderer_only:
+            # frozen before DDP is built: it registers only what still trains
+            for part in (
+                self.model.encoder,
+                self.model.identity_head,
+                self.model.motion_head,
+                self.model.lmd,
+                self.aam,
+            ):
+                part.requires_grad_(False)
+            if self.aux is not None:
+                self.aux.requires_grad_(False)
+        self.gstep: nn.Module = GeneratorStep(self.model, self.aam, self.aux, t.renderer_only)
         self.dstep: nn.Module = self.disc
         self.cstep: nn.Module = self.club
         if dist_info.enabled:
@@ -195,8 +235,13 @@ class Stage1Trainer:
         from engine.weights import load_into, load_weights
 
         tensors, saved, meta = load_weights(path, "stage1")
-        if saved.stage1 != self.cfg.stage1:
+        own = self.cfg.stage1
+        if dataclasses.replace(saved.stage1, paint=own.paint) != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
+        if own.paint and not saved.stage1.paint:
+            # the paint convs start at zero: the same output as the file's model
+            state = self.model.state_dict()
+            tensors = {**{k: v for k, v in state.items() if k.endswith(".paint.weight")}, **tensors}
         load_into(self.model, tensors, str(path))
         self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
 
@@ -267,6 +312,8 @@ class Stage1Trainer:
                 if isinstance(self.aux, DirectReadout)
                 else 0.0,
                 "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
+                "renderer_only": self.t.renderer_only,
+                "closed_source": self.t.closed_source if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
             },
         )
@@ -326,16 +373,19 @@ class Stage1Trainer:
             else:
                 l1_loss = l1
             perc = self.perceptual(recon, b.target)
-            loss = t.w_l1 * l1_loss + t.w_perceptual * perc + t.w_metric * out["metric"]
-            mi = unwrap(self.cstep).mi_upper(out["z_id"], out["z_m"])
-            # MI is >= 0: a negative CLUB estimate is the estimator lagging the encoders, and
-            # descending it only teaches the encoders to fool q (seen: -300 within 80 steps).
-            loss = loss + t.w_mi * mi.clamp_min(0.0)
+            loss = t.w_l1 * l1_loss + t.w_perceptual * perc
+            mi = None
+            if not t.renderer_only:
+                loss = loss + t.w_metric * out["metric"]
+                mi = unwrap(self.cstep).mi_upper(out["z_id"], out["z_m"])
+                # MI is >= 0: a negative CLUB estimate is the estimator lagging the encoders,
+                # and descending it only teaches the encoders to fool q (seen: -300 in 80 steps).
+                loss = loss + t.w_mi * mi.clamp_min(0.0)
             if use_adv:
                 adv = g_nonsat(self.disc(recon))
                 loss = loss + t.w_adv * adv
                 logs["g_adv"] = float(adv.detach())
-            if true is not None:
+            if true is not None and not t.renderer_only:
                 # the encoder's readings (never the teacher's) of target and, if known, source
                 pred = [out["aux_pred"]] + (
                     [out["aux_pred_src"]] if b.gt_source is not None else []
@@ -359,12 +409,14 @@ class Stage1Trainer:
         self.club.requires_grad_(True)
 
         # 2) CLUB estimator: maximise log q(z_m | z_id) on detached codes -----------------
-        mu, logvar = self.cstep(out["z_id"].detach().float())  # through DDP when distributed
-        z_m = out["z_m"].detach().float()
-        club_loss = ((z_m - mu) ** 2 / logvar.exp() + logvar).sum(1).mean() / 2  # -log q
-        self.opt_club.zero_grad(set_to_none=True)
-        club_loss.backward()
-        self.opt_club.step()
+        club_loss = None
+        if not t.renderer_only:
+            mu, logvar = self.cstep(out["z_id"].detach().float())  # through DDP if distributed
+            z_m = out["z_m"].detach().float()
+            club_loss = ((z_m - mu) ** 2 / logvar.exp() + logvar).sum(1).mean() / 2  # -log q
+            self.opt_club.zero_grad(set_to_none=True)
+            club_loss.backward()
+            self.opt_club.step()
 
         # 3) discriminator ----------------------------------------------------------------
         if use_adv:
@@ -391,12 +443,15 @@ class Stage1Trainer:
                 loss=float(loss.detach()),
                 l1=float(l1.detach()),
                 perceptual=float(perc.detach()),
-                mi=float(mi.detach()),
-                metric=float(out["metric"].detach()),
-                club_nll=float(club_loss.detach()),
                 psnr=float(psnr(recon, b.target).mean()),
                 psnr_copy=float(psnr(b.source, b.target).mean()),
             )
+            if mi is not None and club_loss is not None:
+                logs.update(
+                    mi=float(mi.detach()),
+                    metric=float(out["metric"].detach()),
+                    club_nll=float(club_loss.detach()),
+                )
             if out.get("mask_means") is not None:
                 sizes = unwrap(self.model).renderer.sizes[1:]
                 logs.update({f"mask_{r}": float(m) for r, m in zip(sizes, out["mask_means"])})

@@ -150,11 +150,17 @@ class SyntheticPairs:
     """Stage-1 batches drawn on the fly from the synthetic world (training identities only)."""
 
     def __init__(
-        self, world: WorldConfig, image_size: int, near_pairs: float = 0.3, near_amount: float = 0.3
+        self,
+        world: WorldConfig,
+        image_size: int,
+        near_pairs: float = 0.3,
+        near_amount: float = 0.3,
+        closed_source: float = 0.0,
     ):
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
+        self.closed_source = closed_source
         self.world = world
         self.size = image_size
         self.ids = wid.train_ids(world)
@@ -172,6 +178,9 @@ class SyntheticPairs:
                 nid = self.ids[(np.searchsorted(self.ids, i) + 1) % len(self.ids)]
             ident = get_identity(self.world, int(i))
             m_src = motion.random_motion(rng, 1)
+            if self.closed_source > 0 and rng.random() < self.closed_source:
+                # as a portrait is: the mouth closed and at rest (the target says what opens)
+                m_src["mouth_open"], m_src["mouth_round"], m_src["mouth_width"] = 0.0, 0.0, 0.5
             if rng.random() < self.near_pairs:
                 # two frames of one video: a motion change of random size, down to none
                 amount = float(rng.uniform(0.0, self.near_amount))

@@ -363,20 +363,32 @@ class ToFlow(nn.Module):
 
 class ToRGB(nn.Module):
     """1×1 conv C->3 (+ upsampled skip): RGB accumulated coarse to fine, in fp32 (the sum of six
-    levels in bf16 would cost about one 8-bit grey level)."""
+    levels in bf16 would cost about one 8-bit grey level).
 
-    def __init__(self, in_channels: int, blur_kernel: list[int], upsample: bool) -> None:
+    With ``paint`` a second 1×1 conv (no bias, zero at init, so a model without it loads with
+    the same output) reads the renderer's own features where the mask hid the source."""
+
+    def __init__(
+        self, in_channels: int, blur_kernel: list[int], upsample: bool, paint: bool = False
+    ) -> None:
         super().__init__()
         self.conv = EqualConv2d(in_channels, 3, 1)
+        self.paint = EqualConv2d(in_channels, 3, 1, bias=False) if paint else None
+        if self.paint is not None:
+            nn.init.zeros_(self.paint.weight)
         self.upsample = Upsample(blur_kernel) if upsample else None
 
-    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
-        """x: (B, C, r, r); skip: (B, 3, r/2, r/2) or None -> (B, 3, r, r) float32, unbounded."""
+    def forward(self, x: Tensor, skip: Tensor | None, own: Tensor | None = None) -> Tensor:
+        """x: (B, C, r, r) warped·masked source features; skip: (B, 3, r/2, r/2) or None; own:
+        (B, C, r, r) the renderer's features ·(1-m) (used with ``paint``) -> (B, 3, r, r)
+        float32, unbounded."""
         with fp32_region(x.device.type):
             conv = self.conv
             assert conv.bias is not None
             out = pointwise(x.float(), conv.weight[:, :, 0, 0] * conv.scale)
             out = out + conv.bias.reshape(1, 3, 1, 1)
+            if self.paint is not None and own is not None:
+                out = out + pointwise(own.float(), self.paint.weight[:, :, 0, 0] * self.paint.scale)
             if skip is not None and self.upsample is not None:
                 out = out + self.upsample(skip)
         return out
@@ -395,6 +407,7 @@ class Renderer(nn.Module):
         check_config(cfg)
         widths = decoder_widths(cfg)  # 4..S
         self.sizes = level_sizes(cfg.image_size)
+        self.paint = cfg.paint
         bk = list(cfg.blur_kernel)
         L = cfg.latent_dim
         self.input = ConstantInput(widths[0])
@@ -407,7 +420,7 @@ class Renderer(nn.Module):
             self.up_convs.append(StyledConv(a, b, 3, L, upsample=True, blur_kernel=bk))
             self.convs.append(StyledConv(b, b, 3, L, blur_kernel=bk))
             self.to_flows.append(ToFlow(b, L, bk))
-            self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0))
+            self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0, paint=cfg.paint))
         for r in self.sizes[1:]:
             # constants, rebuilt on construction: not saved in checkpoints. Stored 3-D so that
             # model.to(memory_format=channels_last) leaves their layout alone.
@@ -447,8 +460,10 @@ class Renderer(nn.Module):
             self.up_convs, self.convs, self.to_flows, self.to_rgbs, feats, self.grids()
         ):
             x = conv(up(x, latent), latent)
-            fw, x, raw = to_flow(x, latent, feat, grid, raw)
-            rgb = to_rgb(fw, rgb)
+            fw, x_next, raw = to_flow(x, latent, feat, grid, raw)
+            # x·(1-m) = x_next - fw: what the renderer itself holds where the source is masked
+            rgb = to_rgb(fw, rgb, x_next - fw if self.paint else None)
+            x = x_next
             if collect:
                 offset, mask = flow_and_mask(raw)
                 offsets.append(offset)
