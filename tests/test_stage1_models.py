@@ -209,7 +209,7 @@ def test_paint_starts_as_the_plain_renderer_and_paints_where_masked() -> None:
     changes the image, and only through the renderer's features where the mask hides the
     source (a mask of 1 everywhere leaves the output as the plain renderer's)."""
     torch.manual_seed(0)
-    plain = Stage1Model(tiny(32)).eval()
+    plain = Stage1Model(dataclasses.replace(tiny(32), paint=False)).eval()
     painted = Stage1Model(dataclasses.replace(tiny(32), paint=True)).eval()
     state = plain.state_dict()
     missing = painted.load_state_dict(state, strict=False).missing_keys

@@ -187,7 +187,7 @@ def test_renderer_only_phase_trains_only_the_renderer(tmp_path: Path) -> None:
     """train.stage1.renderer_only: encoder, heads and Q stay exactly as they were; the renderer
     moves; no identity/MI/aux terms are logged; warm start from a plain file into a ``paint``
     model works (paint convs at zero)."""
-    a = _trainer(tmp_path / "a", steps=1)
+    a = _trainer(tmp_path / "a", steps=1, extra=("stage1.paint=false",))
     a.fit()
     w = tmp_path / "a" / "stage1.safetensors"
     extra = (
