@@ -124,6 +124,21 @@ def test_closed_source_setting() -> None:
     assert free.gt_source is not None and (free.gt_source[:, k] > 0).any()
 
 
+def test_negatives_drawn_only_when_used() -> None:
+    """negatives=False (in-batch negatives, or the renderer-only phase): no negative frame is
+    rendered; the rest of the batch is the same kind."""
+    import numpy as np
+
+    from training.stage1_data import SyntheticPairs
+
+    cfg = load_config("tiny")
+    rng, g = np.random.default_rng(3), torch.Generator().manual_seed(0)
+    without = SyntheticPairs(cfg.world, 64, negatives=False).sample(rng, g, 2)
+    assert without.negative is None and without.source.shape == (2, 3, 64, 64)
+    with_neg = SyntheticPairs(cfg.world, 64).sample(rng, g, 2)
+    assert with_neg.negative is not None and with_neg.negative.shape == (2, 3, 64, 64)
+
+
 def test_aux_motion_readouts(tmp_path: Path) -> None:
     """The flagged accelerator regresses standardised fields; 'direct' has no read-out weights
     (alpha's first 14 components are the fields), the default a learned linear map."""

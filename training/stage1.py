@@ -161,7 +161,12 @@ class Stage1Trainer:
         size = cfg.stage1.image_size
         if opts.data == "synthetic":
             self.data: SyntheticPairs | RealPairs = SyntheticPairs(
-                cfg.world, size, t.near_pairs, t.near_amount, t.closed_source
+                cfg.world,
+                size,
+                t.near_pairs,
+                t.near_amount,
+                t.closed_source,
+                negatives=t.negatives and not t.renderer_only,  # else they go unused
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -331,7 +336,7 @@ class Stage1Trainer:
 
         b = Stage1Batch(*(move(x) for x in vars(b).values()))  # type: ignore[arg-type]
         if not self.t.negatives:
-            b.negative = None
+            b.negative = None  # real data reads them anyway (cheap); the world skips drawing them
         return b
 
     def _autocast(self):

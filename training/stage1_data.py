@@ -156,11 +156,15 @@ class SyntheticPairs:
         near_pairs: float = 0.3,
         near_amount: float = 0.3,
         closed_source: float = 0.0,
+        negatives: bool = True,
     ):
+        """negatives: render the explicit negative frame (another identity) of each item;
+        False leaves ``Stage1Batch.negative`` None and saves a third of the rendering."""
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
         self.closed_source = closed_source
+        self.negatives = negatives
         self.world = world
         self.size = image_size
         self.ids = wid.train_ids(world)
@@ -190,11 +194,12 @@ class SyntheticPairs:
             pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
             src.append(pair[0])
             tgt.append(pair[1])
-            neg.append(
-                render_frames(
-                    get_identity(self.world, int(nid)), motion.random_motion(rng, 1), self.size
-                )[0]
-            )
+            if self.negatives:
+                neg.append(
+                    render_frames(
+                        get_identity(self.world, int(nid)), motion.random_motion(rng, 1), self.size
+                    )[0]
+                )
             gts.append([float(m_tgt[f][0]) for f in AUX_FIELDS])
             gts_src.append([float(m_src[f][0]) for f in AUX_FIELDS])
             regions.append(face_regions(ident, m_tgt[0], self.size))
@@ -203,7 +208,7 @@ class SyntheticPairs:
         return Stage1Batch(
             source=source,
             target=to_tensor(np.stack(tgt)),
-            negative=to_tensor(np.stack(neg)),
+            negative=to_tensor(np.stack(neg)) if neg else None,
             augmented=augment(source, g),
             label_source=torch.from_numpy(ids.astype(np.int64)),
             label_negative=torch.from_numpy(neg_ids.astype(np.int64)),
