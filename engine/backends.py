@@ -71,11 +71,62 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+class CudaGraphed:
+    """Calls ``fn(*tensors) -> tensor`` by replaying a CUDA graph captured once per input
+    signature (shapes, dtypes). Inputs are copied into the graph's static buffers and the
+    output is cloned out, so callers see plain function semantics. For the engine's many small
+    fixed-shape calls (the denoiser at batch 1, a W-frame render) this removes the per-kernel
+    launch cost. At most ``max_graphs`` signatures are captured; others run eagerly."""
+
+    def __init__(self, fn: Any, max_graphs: int = 8, warmup: int = 2):
+        self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
+        self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
+        self.eager_calls = 0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager_calls += 1
+                with torch.no_grad():
+                    return self.fn(*args)
+            entry = self._capture(key, args)
+        graph, static_in, static_out = entry
+        for buf, a in zip(static_in, args):
+            buf.copy_(a)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(
+        self, key: tuple, args: tuple[torch.Tensor, ...]
+    ) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
+        static_in = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(self.warmup):  # lazy initialisation happens outside the capture
+                self.fn(*static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = self.fn(*static_in)
+        entry = (graph, static_in, static_out)
+        self.graphs[key] = entry
+        return entry
+
+
+def _check_graphs(cuda_graphs: bool, dev: torch.device) -> None:
+    if cuda_graphs and dev.type != "cuda":
+        raise UserError("stream.cuda_graphs needs device cuda (CUDA graphs are GPU-only)")
+
+
 class TorchStage1:
     """``Stage1Backend`` over a ``Stage1Model`` (eval mode, LMD frozen).
 
     render_dtype "bf16" runs the renderer under bf16 autocast (the model keeps flow, mask and
-    grid in fp32 inside); "fp32" is exact and the default."""
+    grid in fp32 inside); "fp32" is exact and the default. cuda_graphs: replay the renderer
+    as a CUDA graph per batch size (``CudaGraphed``)."""
 
     def __init__(
         self,
@@ -83,6 +134,7 @@ class TorchStage1:
         device: str = "cpu",
         render_dtype: str = "fp32",
         channels_last: bool = True,
+        cuda_graphs: bool = False,
     ):
         if render_dtype not in RENDER_DTYPES:
             raise UserError(
@@ -101,6 +153,12 @@ class TorchStage1:
         self.motion_dim = cfg.motion_dim
         self.latent_dim = cfg.latent_dim
         self.render_dtype = render_dtype
+        _check_graphs(cuda_graphs, self.device)
+        self._graphed = CudaGraphed(self._render_flat) if cuda_graphs else None
+
+    def _render_flat(self, h: torch.Tensor, alpha: torch.Tensor, *feats: torch.Tensor):
+        with self._autocast():
+            return self.model.render(h, list(feats), alpha).float().clamp(-1.0, 1.0)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.render_dtype == "bf16":
@@ -120,18 +178,23 @@ class TorchStage1:
     def render(
         self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor
     ) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            out = self.model.render(h, feats, alpha.to(self.device))
-        return out.float().clamp(-1.0, 1.0)
+        alpha = alpha.to(self.device)
+        if self._graphed is not None:
+            return self._graphed(h, alpha, *feats)
+        with torch.inference_mode():
+            return self._render_flat(h, alpha, *feats)
 
 
 class TorchStage2:
     """``windowing.Stage2Backend`` over ``Stage2Nets``. Outputs come back on the CPU (where the
-    sampler loop runs); the normaliser is a CPU copy for the same reason."""
+    sampler loop runs); the normaliser is a CPU copy for the same reason. cuda_graphs: replay
+    the denoiser (called once per DDIM step) as a CUDA graph."""
 
-    def __init__(self, nets: Stage2Nets, device: str = "cpu"):
+    def __init__(self, nets: Stage2Nets, device: str = "cpu", cuda_graphs: bool = False):
         self.device = check_device(device)
+        _check_graphs(cuda_graphs, self.device)
         self.nets = nets.to(self.device).eval()
+        self._graphed = CudaGraphed(self.nets.denoise) if cuda_graphs else None
         self.motion_dim = nets.motion_dim
         self.latent_dim = nets.latent_dim
         norm = AlphaNormalizer(nets.motion_dim)
@@ -157,9 +220,11 @@ class TorchStage2:
         known_mask: torch.Tensor,
     ) -> torch.Tensor:
         d = self.device
-        args = (x_t, t, speech, ref_alpha, ref_h, known, known_mask)
+        args = tuple(a.to(d) for a in (x_t, t, speech, ref_alpha, ref_h, known, known_mask))
+        if self._graphed is not None:
+            return self._graphed(*args).cpu()
         with torch.no_grad():
-            return self.nets.denoise(*(a.to(d) for a in args)).cpu()
+            return self.nets.denoise(*args).cpu()
 
 
 def make_backends(
@@ -173,19 +238,23 @@ def make_backends(
     plan: dict[str, int] | None = None,
     onnx_dir: str | None = None,
     threads: int = 0,
+    cuda_graphs: bool = False,
 ) -> tuple[Stage1Backend, Stage2Backend, dict[str, Any]]:
     """The runners for one backend name, and facts about them (for reports).
 
-    "torch": PyTorch on ``device``. "onnx": ONNX Runtime (CPU) over the graphs that
+    "torch": PyTorch on ``device`` (with ``cuda_graphs``: renderer and denoiser replayed as
+    CUDA graphs). "onnx": ONNX Runtime (CPU) over the graphs that
     ``livehead export onnx`` wrote for exactly these networks and window ``plan`` (in
     ``onnx_dir``, default: the cache directory of their fingerprint)."""
     if backend == "torch":
         return (
-            TorchStage1(stage1, device, render_dtype, channels_last),
-            TorchStage2(stage2, device),
-            {},
+            TorchStage1(stage1, device, render_dtype, channels_last, cuda_graphs),
+            TorchStage2(stage2, device, cuda_graphs),
+            {"cuda_graphs": cuda_graphs} if cuda_graphs else {},
         )
     if backend == "onnx":
+        if cuda_graphs:
+            raise UserError("stream.cuda_graphs is for backend 'torch' on cuda")
         if check_device(device).type != "cpu":
             raise UserError("backend 'onnx' runs on the CPU here; use --device cpu")
         if render_dtype != "fp32":

@@ -115,6 +115,7 @@ class StreamConfig:
     # Engine sessions (engine/stream.py)
     render_dtype: str = "fp32"  # renderer precision: "fp32", or "bf16" autocast (flow stays fp32)
     channels_last: bool = True  # NHWC renderer activations (faster on CPU)
+    cuda_graphs: bool = False  # backend torch on cuda: replay renderer and denoiser as CUDA graphs
     output_queue_frames: int = 50  # rendered frames kept for a consumer that does not pull;
     # beyond it the oldest frames lose their image (they repeat the previous one), never audio
     max_backlog_s: float = 120.0  # un-pulled output + pending input; a push beyond is refused

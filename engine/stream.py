@@ -309,6 +309,7 @@ class Engine:
             plan=plan_dict(cfg),
             onnx_dir=st.onnx_dir or None,
             threads=threads,
+            cuda_graphs=st.cuda_graphs,
         )
         return cls(s1b, s2b, cfg, dict(info or {}, backend=backend, **facts))
 

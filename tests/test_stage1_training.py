@@ -316,7 +316,7 @@ def test_export_raw_or_ema_weights_from_a_run(tmp_path: Path) -> None:
     from engine.weights import read_metadata
     from training.stage1 import add_args, run
 
-    _trainer(tmp_path, steps=1).fit()
+    _trainer(tmp_path, steps=1, extra=("train.stage1.teacher_alpha=0.25",)).fit()
     p = argparse.ArgumentParser()
     add_args(p)
     sets = [x for s in SMALL for x in ("--set", s)]
@@ -326,12 +326,16 @@ def test_export_raw_or_ema_weights_from_a_run(tmp_path: Path) -> None:
             ["--run-dir", str(tmp_path), "--export", str(out), "--export-weights", which, *sets]
         )
         assert run(args) == 0
-        assert json.loads(read_metadata(out)["meta"])["weights"] == which
+        meta = json.loads(read_metadata(out)["meta"])
+        assert meta["weights"] == which
+        assert meta["teacher_alpha"] == 0.25  # the run's settings, not --config's (0.5)
 
 
-def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path, workers: int) -> None:
     """A run stopped by SIGTERM (a session ending, `kill`) saves its last finished step, so
-    --resume loses nothing."""
+    --resume loses nothing. With loader workers the signal goes to the whole process group (as
+    `timeout` sends it): the workers must not die before the loop has saved."""
     import os
     import signal
     import subprocess
@@ -343,6 +347,7 @@ def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> 
     for o in (*SMALL, "train.stage1.log_every=1", "train.stage1.ckpt_every=100000"):
         cmd += ["--set", o]
     cmd += ["--run-dir", str(run), "--steps", "100000", "--threads", "1", "--device", "cpu"]
+    cmd += ["--workers", str(workers)]
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
         cmd,
@@ -351,6 +356,7 @@ def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> 
         stderr=subprocess.STDOUT,
         text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
+        start_new_session=True,
     )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -358,7 +364,10 @@ def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> 
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "no training steps within 120 s"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if workers:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM" in out
@@ -366,3 +375,31 @@ def test_sigterm_checkpoints_the_last_step_and_exits_cleanly(tmp_path: Path) -> 
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert state["step"] == logged[-1] >= 2
     assert (run / "stage1.safetensors").exists()
+
+
+def test_loader_workers_draw_the_same_batches(tmp_path: Path) -> None:
+    """--workers draws each step's batch in another process with that step's generators: the
+    trained state is bit-identical to drawing in the loop (teacher forcing on, so the torch
+    generator's state after drawing matters too)."""
+    extra = ("train.stage1.aux_motion_direct=true", "train.stage1.teacher_alpha=0.5")
+    a = _trainer(tmp_path / "a", steps=2, extra=extra)
+    a.fit()
+    cfg = load_config("tiny", [*SMALL, *extra])
+    opts = Stage1Options(run_dir=tmp_path / "b", steps=2, device="cpu", workers=2)
+    b = Stage1Trainer(cfg, opts, DistInfo())
+    b.fit()
+    for name, t in a.model.state_dict().items():
+        assert torch.equal(t, b.model.state_dict()[name]), f"{name} differs with workers"
+    ra = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    rb = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ra["teacher_frac"] == rb["teacher_frac"] and ra["l1"] == rb["l1"]
+
+
+def test_negative_workers_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from livehead.cli import main
+
+    args = ["train", "stage1", "--config", "tiny", "--run-dir", str(tmp_path), "--workers", "-1"]
+    assert main(args) != 0
+    assert "--workers must be >= 0" in capsys.readouterr().err

@@ -58,6 +58,7 @@ from training.stage1_data import (
     SyntheticPairs,
     aux_stats,
     region_weights,
+    step_loader,
 )
 
 
@@ -150,6 +151,7 @@ class Stage1Options:
     threads: int = 0
     export_every: int = 0  # also write the EMA weights as safetensors every N steps
     init_from: str | None = None  # warm start from stage-1 safetensors (fresh optimisers)
+    workers: int = 0  # loader processes drawing batches ahead (0: drawn in the training loop)
 
 
 class Stage1Trainer:
@@ -343,11 +345,17 @@ class Stage1Trainer:
         dev = self.dist.device.type
         return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.t.bf16)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, drawn: tuple[Stage1Batch, torch.Tensor] | None = None) -> dict[str, float]:
+        """One step. ``drawn``: this step's batch and generator state from ``step_loader``
+        (the same values the step would draw itself)."""
         t = self.t
         step = self.step + 1
         rng, g = step_rngs(self.cfg.train.seed, step, self.dist.rank)
-        b = self._to(self.data.sample(rng, g, t.batch_size))
+        if drawn is None:
+            b = self._to(self.data.sample(rng, g, t.batch_size))
+        else:
+            b = self._to(drawn[0])
+            g.set_state(drawn[1])
         use_adv = t.w_adv > 0 and step > t.adv_start_step
         logs: dict[str, float] = {}
 
@@ -475,9 +483,21 @@ class Stage1Trainer:
         )
         t0, n0 = time.time(), self.step
         stop = StopRequest(enabled=not self.dist.enabled)
+        ahead = None
+        if self.opts.workers > 0 and self.step < total:
+            ahead = step_loader(
+                self.data,
+                self.cfg.train.seed,
+                self.dist.rank,
+                self.t.batch_size,
+                self.step + 1,
+                total,
+                self.opts.workers,
+                pin=self.dist.device.type == "cuda",
+            )
         with stop:
             while self.step < total and not stop.requested:
-                logs = self.train_step()
+                logs = self.train_step(next(ahead) if ahead is not None else None)
                 bar.update(1)
                 if self.step % self.t.log_every == 0 or self.step == total:
                     dt = time.time() - t0
@@ -528,6 +548,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic", help="'synthetic' or a prepared dataset dir")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes drawing batches ahead (0: in the loop; same batches either way)",
+    )
     p.add_argument("--export-every", type=int, default=0, help="write EMA safetensors every N")
     p.add_argument(
         "--init-from", default=None, help="warm start from stage-1 safetensors (new optimisers)"
@@ -554,6 +580,11 @@ def run(args: argparse.Namespace) -> int:
         if saved.stage1 != cfg.stage1:
             raise UserError(f"{run_dir}: checkpoint config differs from --config {args.config}")
     if args.export:
+        ckpt = run_dir / "checkpoint.pt"
+        if ckpt.exists():
+            # the run's own config: the metadata must describe how it was trained (its train
+            # settings can differ from --config's, e.g. a phase run with --set)
+            _, cfg = load_checkpoint(ckpt)
         info = init_distributed("cpu")
         trainer = Stage1Trainer(cfg, Stage1Options(run_dir=run_dir, resume=True), info)
         trainer.export(Path(args.export), args.export_weights)
@@ -568,7 +599,10 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         export_every=args.export_every,
         init_from=args.init_from,
+        workers=args.workers,
     )
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     train(cfg, opts)
     return 0
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from engine.config import WorldConfig
 from engine.tensors import to_tensor
+from training.common import step_rngs
 from training.world.motion import MOTION_FIELDS
 
 # Ground-truth motion regressed by the optional auxiliary loss (synthetic world only): all of it.
@@ -249,3 +252,50 @@ class RealPairs:
             label_source=torch.tensor([self.labels[it[3]] for it in items]),
             label_negative=torch.tensor([self.labels[it[4]] for it in items]),
         )
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` is the batch of global step ``s``, drawn with that step's generators
+    (``step_rngs``), plus the state of its torch generator after drawing. So the batches, and
+    everything after them, do not depend on how many loader workers drew them."""
+
+    def __init__(self, data: SyntheticPairs | RealPairs, seed: int, rank: int, batch: int):
+        self.data, self.seed, self.rank, self.batch = data, seed, rank, batch
+
+    def __getitem__(self, step: int) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+        rng, g = step_rngs(self.seed, step, self.rank)
+        b = self.data.sample(rng, g, self.batch)
+        return tuple(vars(b).values()), g.get_state()
+
+
+def _worker_init(_: int) -> None:
+    # A stop signal sent to the whole process group (timeout, a terminal's Ctrl-C, a job
+    # scheduler) is the training loop's to handle: it finishes the step, checkpoints and exports.
+    # Workers ignore it, and the loader shuts them down when the loop ends.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def step_loader(
+    data: SyntheticPairs | RealPairs,
+    seed: int,
+    rank: int,
+    batch: int,
+    first: int,
+    last: int,
+    workers: int,
+    pin: bool,
+) -> Iterator[tuple[Stage1Batch, torch.Tensor]]:
+    """The batches of steps ``first..last`` in order, drawn ahead by ``workers`` processes
+    (torch's DataLoader; each worker runs one CPU thread)."""
+    loader = torch.utils.data.DataLoader(
+        StepBatches(data, seed, rank, batch),
+        batch_size=None,
+        sampler=range(first, last + 1),
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=4,
+        worker_init_fn=_worker_init,
+    )
+    for fields, g_state in loader:
+        yield Stage1Batch(*fields), g_state
