@@ -200,6 +200,12 @@ class TrainStage1Config:
     # motion in alpha's first 14 components instead of the encoder's reading (teacher forcing),
     # so the renderer learns to draw a motion before the encoder reads it well. 0 = off.
     teacher_alpha: float = 0.0
+    # ... and alpha's other components for those targets: "source" = the encoder's reading of
+    # the SOURCE frame (the target then differs from the source only by the true motion), or
+    # "target" = its reading of the target frame (sessions 4-6). "target" leaks the target's
+    # mouth into the free components, and the renderer learnt to read it there and ignore the
+    # true mouth component (model card, session 6).
+    teacher_rest: str = "source"
     # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
     # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
     region_weight: float = 0.0

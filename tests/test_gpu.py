@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,7 @@ def test_stage1_training_on_cuda_with_loader_workers(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the world's speech needs espeak-ng")
 def test_stage2_training_on_cuda(tmp_path: Path) -> None:
     from engine.models.stage1 import Stage1Model
     from engine.weights import save_weights

@@ -167,7 +167,8 @@ def test_aux_motion_readouts(tmp_path: Path) -> None:
 
 def test_teacher_forcing_renders_the_true_motion(tmp_path: Path) -> None:
     """Items marked for teacher forcing are rendered with the given values in alpha's first
-    components (the rest from the encoder); the others with the encoder's alpha."""
+    components (the rest: the encoder's reading of the source, teacher_rest "source"); the
+    others with the encoder's alpha of the target."""
     t = _trainer(
         tmp_path,
         steps=0,
@@ -185,7 +186,7 @@ def test_teacher_forcing_renders_the_true_motion(tmp_path: Path) -> None:
         out = t.gstep(b, teacher, use)
         h, feats = m.encode(b.source)
         alpha = m.motion(m.encode(b.target)[0])
-        forced = torch.cat([teacher[:1], alpha[:1, 14:]], dim=1)
+        forced = torch.cat([teacher[:1], m.motion(h)[:1, 14:]], dim=1)
         want0 = m.render(h[:1], [f[:1] for f in feats], forced)
         want1 = m.render(h[1:], [f[1:] for f in feats], alpha[1:])
     assert torch.allclose(out["recon"][:1], want0, atol=1e-4)
@@ -403,3 +404,46 @@ def test_negative_workers_is_a_clear_error(
     args = ["train", "stage1", "--config", "tiny", "--run-dir", str(tmp_path), "--workers", "-1"]
     assert main(args) != 0
     assert "--workers must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rest", ["source", "target"])
+def test_teacher_forcing_takes_the_free_components_from_the_chosen_frame(
+    tmp_path: Path, rest: str
+) -> None:
+    """Teacher-forced targets are rendered with the true motion in alpha[:14] and, with
+    teacher_rest "source", the encoder's reading of the source frame in the rest (so no target
+    information leaks past the true motion); "target" keeps the target's reading there."""
+    from training.common import step_rngs
+
+    extra = (
+        "train.stage1.aux_motion_direct=true",
+        "train.stage1.teacher_alpha=1.0",
+        "train.stage1.renderer_only=true",
+        f"train.stage1.teacher_rest={rest}",
+    )
+    tr = _trainer(tmp_path, steps=0, extra=extra)
+    rng, g = step_rngs(0, 1, 0)
+    b = tr._to(tr.data.sample(rng, g, 2))
+    assert b.gt_target is not None
+    teacher = (b.gt_target - tr.aux_mean) / tr.aux_std
+    use = torch.ones(2, dtype=torch.bool)
+    m = tr.model
+    with torch.no_grad():
+        for p in m.renderer.parameters():  # a fresh renderer ignores alpha (zero-init heads)
+            p.add_(0.1 * torch.randn_like(p))
+        out = tr.gstep(b, teacher, use)["recon"]
+        h, feats = m.encode(torch.cat([b.source, b.target]))
+        a = m.motion(h)
+        free = (a[:2] if rest == "source" else a[2:])[:, teacher.shape[1] :]
+        want = m.renderer(m.latent(h[:2], torch.cat([teacher, free], 1)), [f[:2] for f in feats])
+        other = (a[2:] if rest == "source" else a[:2])[:, teacher.shape[1] :]
+        not_want = m.renderer(
+            m.latent(h[:2], torch.cat([teacher, other], 1)), [f[:2] for f in feats]
+        )
+    torch.testing.assert_close(out, want)
+    assert (out - not_want).abs().max() > 1e-3
+
+
+def test_teacher_rest_must_be_source_or_target(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="teacher_rest"):
+        _trainer(tmp_path, steps=0, extra=("train.stage1.teacher_rest=both",))

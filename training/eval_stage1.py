@@ -20,8 +20,10 @@ Metrics (all on held-out identities, which training never sees):
 - ``copy_psnr``: PSNR of simply repeating the source frame (the floor a model must beat).
 - ``cross_psnr_true_alpha`` (only for weights trained with ``aux_motion_direct``, else null):
   cross-reenactment as ``cross_psnr`` but with alpha's first 14 components set to the driving
-  clip's true standardised motion -- the renderer's share of the error without the encoder's,
-  and what audio-driven rendering gets from a stage 2 trained with ``world_alpha``.
+  clip's true standardised motion and the other components the source portrait's own reading
+  (until session 6: the driving frame's reading, which let a target leak through) -- the
+  renderer's share of the error without the encoder's, and what audio-driven rendering gets
+  from a stage 2 trained with ``world_alpha``.
 - ``alpha_pose_r``, ``alpha_mouth_r``: how much of the world's motion alpha carries. Each
   held-out identity is drawn in ``frames`` independent random poses/expressions; a
   least-squares linear read-out of alpha (+ bias) onto the ground-truth fields is fitted on half
@@ -149,7 +151,10 @@ def eval_synthetic(
             from training.stage2_data import world_motion_alpha
 
             h_a, feats_a = model.encode(src)
-            alpha = world_motion_alpha(mot_b[1:], model.motion(model.encode(driving)[0]))
+            # the free components from the portrait (teacher_rest "source"): only the true
+            # motion tells the output apart from the source, as in audio-driven rendering
+            rest = model.motion(h_a).expand(driving.shape[0], -1)
+            alpha = world_motion_alpha(mot_b[1:], rest)
             cp_true.append(psnr(model.render(h_a, feats_a, alpha).clamp(-1, 1), truth))
         cs.append(ssim(out_x, truth))
         d = (driving - truth).flatten(1)

@@ -71,12 +71,14 @@ class GeneratorStep(nn.Module):
         aam: ArcMarginProduct,
         aux: nn.Module | None,
         renderer_only: bool = False,
+        teacher_rest: str = "source",
     ):
         super().__init__()
         self.model = model
         self.aam = aam
         self.aux = aux
         self.renderer_only = renderer_only
+        self.teacher_rest = teacher_rest
 
     def forward(
         self, b: Stage1Batch, teacher: torch.Tensor | None = None, use: torch.Tensor | None = None
@@ -88,10 +90,14 @@ class GeneratorStep(nn.Module):
         render_alpha = None
         if teacher is not None and use is not None:
             k = teacher.shape[1]
+            rest_from_source = self.teacher_rest == "source"
 
-            def render_alpha(a: torch.Tensor) -> torch.Tensor:
+            def render_alpha(a: torch.Tensor, a_src: torch.Tensor) -> torch.Tensor:
                 head = torch.where(use[:, None], teacher.to(a.dtype), a[:, :k])
-                return torch.cat([head, a[:, k:]], dim=1)
+                rest = a[:, k:]
+                if rest_from_source:
+                    rest = torch.where(use[:, None], a_src[:, k:].to(a.dtype), rest)
+                return torch.cat([head, rest], dim=1)
 
         if self.renderer_only:
             return self._render_only(b, render_alpha)
@@ -124,16 +130,19 @@ class GeneratorStep(nn.Module):
         return res
 
     def _render_only(
-        self, b: Stage1Batch, render_alpha: Callable[[torch.Tensor], torch.Tensor] | None
+        self,
+        b: Stage1Batch,
+        render_alpha: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
         """The renderer-only phase: frozen encoding of source and target (no extras), the
         target rendered from the source."""
         m, n = self.model, b.source.shape[0]
         with torch.no_grad():
             h, feats = m.encode(torch.cat([b.source, b.target]))
-            alpha = m.motion(h[n:])
+            both = m.motion(h)
+        alpha = both[n:]
         if render_alpha is not None:
-            alpha = render_alpha(alpha)
+            alpha = render_alpha(alpha, both[:n])
         recon, _, masks = m.renderer.forward_aux(m.latent(h[:n], alpha), [f[:n] for f in feats])
         return {
             "recon": recon,
@@ -210,7 +219,13 @@ class Stage1Trainer:
                 part.requires_grad_(False)
             if self.aux is not None:
                 self.aux.requires_grad_(False)
-        self.gstep: nn.Module = GeneratorStep(self.model, self.aam, self.aux, t.renderer_only)
+        if t.teacher_rest not in ("source", "target"):
+            raise UserError(
+                f"train.stage1.teacher_rest must be 'source' or 'target', got '{t.teacher_rest}'"
+            )
+        self.gstep: nn.Module = GeneratorStep(
+            self.model, self.aam, self.aux, t.renderer_only, t.teacher_rest
+        )
         self.dstep: nn.Module = self.disc
         self.cstep: nn.Module = self.club
         if dist_info.enabled:
@@ -318,6 +333,7 @@ class Stage1Trainer:
                 "teacher_alpha": self.t.teacher_alpha
                 if isinstance(self.aux, DirectReadout)
                 else 0.0,
+                "teacher_rest": self.t.teacher_rest,
                 "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
                 "renderer_only": self.t.renderer_only,
                 "closed_source": self.t.closed_source if self.opts.data == "synthetic" else 0.0,

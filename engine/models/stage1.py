@@ -545,12 +545,13 @@ class Stage1Model(nn.Module):
         source: Tensor,
         target: Tensor,
         extra: Tensor | None = None,
-        render_alpha: Callable[[Tensor], Tensor] | None = None,
+        render_alpha: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Stage1Output:
         """Training step: encode source, target (and extra) in one batched pass, rebuild the
         target from the source. source/target: (B, 3, S, S); extra: (N, 3, S, S) or None.
-        render_alpha: maps the target's alpha (B, motion_dim) to the alpha the target is
-        rendered with (training-time teacher forcing); None renders the encoder's alpha."""
+        render_alpha: maps the target's and the source's alpha (B, motion_dim each) to the alpha
+        the target is rendered with (training-time teacher forcing); None renders the encoder's
+        alpha of the target."""
         b = source.shape[0]
         imgs = [source, target] + ([extra] if extra is not None else [])
         h, feats = self.encoder(torch.cat(imgs, dim=0))
@@ -558,7 +559,7 @@ class Stage1Model(nn.Module):
         z_m, alpha = self.motion_head(h)
         alpha_r = alpha[b : 2 * b]
         if render_alpha is not None:
-            alpha_r = render_alpha(alpha_r)
+            alpha_r = render_alpha(alpha_r, alpha[:b])
         recon, _, masks = self.renderer.forward_aux(
             self.latent(h[:b], alpha_r), [f[:b] for f in feats]
         )
