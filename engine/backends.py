@@ -17,6 +17,7 @@ and only go back into ``render``).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any, Protocol
 
@@ -76,27 +77,31 @@ class CudaGraphed:
     signature (shapes, dtypes). Inputs are copied into the graph's static buffers and the
     output is cloned out, so callers see plain function semantics. For the engine's many small
     fixed-shape calls (the denoiser at batch 1, a W-frame render) this removes the per-kernel
-    launch cost. At most ``max_graphs`` signatures are captured; others run eagerly."""
+    launch cost. At most ``max_graphs`` signatures are captured; others run eagerly. One lock
+    serialises the calls: sessions of one engine may run in several threads, and a graph's
+    static buffers are shared."""
 
     def __init__(self, fn: Any, max_graphs: int = 8, warmup: int = 2):
         self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
         self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
         self.eager_calls = 0
+        self._lock = threading.Lock()
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                self.eager_calls += 1
-                with torch.no_grad():
-                    return self.fn(*args)
-            entry = self._capture(key, args)
-        graph, static_in, static_out = entry
-        for buf, a in zip(static_in, args):
-            buf.copy_(a)
-        graph.replay()
-        return static_out.clone()
+        with self._lock:
+            entry = self.graphs.get(key)
+            if entry is None:
+                if len(self.graphs) >= self.max_graphs:
+                    self.eager_calls += 1
+                    with torch.no_grad():
+                        return self.fn(*args)
+                entry = self._capture(key, args)
+            graph, static_in, static_out = entry
+            for buf, a in zip(static_in, args):
+                buf.copy_(a)
+            graph.replay()
+            return static_out.clone()
 
     def _capture(
         self, key: tuple, args: tuple[torch.Tensor, ...]
