@@ -77,19 +77,23 @@ class CudaGraphed:
     signature (shapes, dtypes). Inputs are copied into the graph's static buffers and the
     output is cloned out, so callers see plain function semantics. For the engine's many small
     fixed-shape calls (the denoiser at batch 1, a W-frame render) this removes the per-kernel
-    launch cost. At most ``max_graphs`` signatures are captured; others run eagerly. One lock
-    serialises the calls: sessions of one engine may run in several threads, and a graph's
-    static buffers are shared."""
+    launch cost. At most ``max_graphs`` signatures are captured; others run eagerly.
+
+    Threads: sessions of one engine may run in several, and a graph's static buffers are
+    shared, so one process-wide lock serialises every graphed call; captures are
+    ``thread_local``, so other threads' eager GPU work (encoding, copies) may go on meanwhile.
+    Buffers are made outside inference mode, so callers may or may not be in it."""
+
+    _lock = threading.Lock()
 
     def __init__(self, fn: Any, max_graphs: int = 8, warmup: int = 2):
         self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
         self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
         self.eager_calls = 0
-        self._lock = threading.Lock()
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        with self._lock:
+        with CudaGraphed._lock, torch.cuda.device(args[0].device):
             entry = self.graphs.get(key)
             if entry is None:
                 if len(self.graphs) >= self.max_graphs:
@@ -106,7 +110,8 @@ class CudaGraphed:
     def _capture(
         self, key: tuple, args: tuple[torch.Tensor, ...]
     ) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
-        static_in = [a.clone() for a in args]
+        with torch.inference_mode(False):
+            static_in = [a.clone() for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
@@ -114,7 +119,7 @@ class CudaGraphed:
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.fn(*static_in)
         entry = (graph, static_in, static_out)
         self.graphs[key] = entry
@@ -167,7 +172,9 @@ class TorchStage1:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.render_dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            # no weight-cast cache: nothing is reused across a forward here, and a cache
+            # filled inside a CUDA-graph capture would hold the capture's tensors
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -61,11 +61,11 @@ def _stage_inputs(m1: torch.nn.Module, nets: torch.nn.Module, cfg, seed: int):  
 
 @pytest.mark.gpu
 @needs_cuda
-def test_torch_backend_on_cuda_matches_cpu() -> None:
+def test_torch_backend_on_cuda_matches_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage-1 render and the whole stream on the GPU agree with the CPU (TF32 off: exact
     fp32 arithmetic up to summation order)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     m1, nets, cfg = small_models()
     img, alpha = _stage_inputs(m1, nets, cfg, 0)
     cpu = TorchStage1(copy.deepcopy(m1), "cpu")
@@ -91,14 +91,18 @@ def test_cuda_graphs_equal_eager_calls() -> None:
     """Replaying the captured graphs gives the eager results, for new inputs each call (the
     static buffers are refilled) and for a second batch size (a second graph)."""
     m1, nets, cfg = small_models()
-    eager = TorchStage1(copy.deepcopy(m1), "cuda")
-    graphed = TorchStage1(copy.deepcopy(m1), "cuda", cuda_graphs=True)
-    for seed in (0, 1, 2):
-        img, alpha = _stage_inputs(m1, nets, cfg, seed)
-        h, feats = eager.encode(img)
-        for a in (alpha, alpha[:2]):
-            torch.testing.assert_close(graphed.render(h, feats, a), eager.render(h, feats, a))
-    assert graphed._graphed is not None and len(graphed._graphed.graphs) == 2
+    for dtype in ("bf16", "fp32"):  # bf16: autocast inside the capture
+        eager = TorchStage1(copy.deepcopy(m1), "cuda", render_dtype=dtype)
+        graphed = TorchStage1(copy.deepcopy(m1), "cuda", render_dtype=dtype, cuda_graphs=True)
+        for seed in (0, 1, 2):
+            img, alpha = _stage_inputs(m1, nets, cfg, seed)
+            h, feats = eager.encode(img)  # inference tensors, as the engine passes them
+            for a in (alpha, alpha[:2]):
+                want = eager.render(h, feats, a)
+                torch.testing.assert_close(graphed.render(h, feats, a), want)
+                with torch.inference_mode():  # callers in inference mode are fine too
+                    torch.testing.assert_close(graphed.render(h, feats, a), want)
+        assert graphed._graphed is not None and len(graphed._graphed.graphs) == 2
 
     e2 = TorchStage2(copy.deepcopy(nets), "cuda")
     g2 = TorchStage2(copy.deepcopy(nets), "cuda", cuda_graphs=True)

@@ -447,3 +447,15 @@ def test_teacher_forcing_takes_the_free_components_from_the_chosen_frame(
 def test_teacher_rest_must_be_source_or_target(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="teacher_rest"):
         _trainer(tmp_path, steps=0, extra=("train.stage1.teacher_rest=both",))
+
+
+def test_old_checkpoints_keep_the_teacher_forcing_they_trained_with(tmp_path: Path) -> None:
+    """A checkpoint saved before train.stage1.teacher_rest existed loads as "target" (what it
+    did), not as today's default; newer checkpoints keep their value."""
+    _trainer(tmp_path, steps=1).fit()
+    state, cfg = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert cfg.train.stage1.teacher_rest == "source"
+    del state["config"]["train"]["stage1"]["teacher_rest"]
+    torch.save(state, tmp_path / "old.pt")
+    _, old = load_checkpoint(tmp_path / "old.pt")
+    assert old.train.stage1.teacher_rest == "target"

@@ -222,7 +222,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
         raise UserError(f"{path}: not a readable livehead checkpoint ({e})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{path}: not a livehead training checkpoint")
-    return state, from_dict(state["config"], where=str(path))
+    return state, from_dict(migrate_config(state["config"]), where=str(path))
+
+
+def migrate_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config, with the settings that were added later set to what the
+    run actually did (not to today's defaults)."""
+    s1 = cfg.get("train", {}).get("stage1")
+    if isinstance(s1, dict) and "teacher_rest" not in s1:
+        # before train.stage1.teacher_rest existed, teacher forcing kept the target's reading
+        s1 = dict(s1, teacher_rest="target")
+        cfg = dict(cfg, train=dict(cfg["train"], stage1=s1))
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

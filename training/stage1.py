@@ -361,17 +361,21 @@ class Stage1Trainer:
         dev = self.dist.device.type
         return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.t.bf16)
 
-    def train_step(self, drawn: tuple[Stage1Batch, torch.Tensor] | None = None) -> dict[str, float]:
-        """One step. ``drawn``: this step's batch and generator state from ``step_loader``
-        (the same values the step would draw itself)."""
+    def train_step(
+        self, drawn: tuple[int, Stage1Batch, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """One step. ``drawn``: (step, batch, generator state) from ``step_loader`` (the
+        values this step would draw itself)."""
         t = self.t
         step = self.step + 1
         rng, g = step_rngs(self.cfg.train.seed, step, self.dist.rank)
         if drawn is None:
             b = self._to(self.data.sample(rng, g, t.batch_size))
         else:
-            b = self._to(drawn[0])
-            g.set_state(drawn[1])
+            if drawn[0] != step:
+                raise RuntimeError(f"loader out of step: batch of step {drawn[0]} at {step}")
+            b = self._to(drawn[1])
+            g.set_state(drawn[2])
         use_adv = t.w_adv > 0 and step > t.adv_start_step
         logs: dict[str, float] = {}
 
@@ -511,28 +515,35 @@ class Stage1Trainer:
                 self.opts.workers,
                 pin=self.dist.device.type == "cuda",
             )
-        with stop:
-            while self.step < total and not stop.requested:
-                logs = self.train_step(next(ahead) if ahead is not None else None)
-                bar.update(1)
-                if self.step % self.t.log_every == 0 or self.step == total:
-                    dt = time.time() - t0
-                    sps = (
-                        (self.step - n0) * self.t.batch_size * self.dist.world_size / max(dt, 1e-9)
-                    )
-                    logs["samples_per_s"] = sps
-                    self.log.log(self.step, logs)
-                    bar.set_postfix(
-                        l1=f"{logs['l1']:.3f}",
-                        psnr=f"{logs['psnr']:.1f}",
-                        copy=f"{logs['psnr_copy']:.1f}",
-                        sps=f"{sps:.1f}",
-                    )
-                    t0, n0 = time.time(), self.step
-                if self.step % self.t.ckpt_every == 0 or self.step == total:
-                    self.save()
-                if self.opts.export_every and self.step % self.opts.export_every == 0:
-                    self.export(self.opts.run_dir / "stage1.safetensors")
+        try:
+            with stop:
+                while self.step < total and not stop.requested:
+                    logs = self.train_step(next(ahead) if ahead is not None else None)
+                    bar.update(1)
+                    if self.step % self.t.log_every == 0 or self.step == total:
+                        dt = time.time() - t0
+                        sps = (
+                            (self.step - n0)
+                            * self.t.batch_size
+                            * self.dist.world_size
+                            / max(dt, 1e-9)
+                        )
+                        logs["samples_per_s"] = sps
+                        self.log.log(self.step, logs)
+                        bar.set_postfix(
+                            l1=f"{logs['l1']:.3f}",
+                            psnr=f"{logs['psnr']:.1f}",
+                            copy=f"{logs['psnr_copy']:.1f}",
+                            sps=f"{sps:.1f}",
+                        )
+                        t0, n0 = time.time(), self.step
+                    if self.step % self.t.ckpt_every == 0 or self.step == total:
+                        self.save()
+                    if self.opts.export_every and self.step % self.opts.export_every == 0:
+                        self.export(self.opts.run_dir / "stage1.safetensors")
+        finally:
+            if ahead is not None:
+                ahead.close()  # stops the loader's workers before the final save and export
         bar.close()
         self.save()
         self.export(self.opts.run_dir / "stage1.safetensors")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,10 +262,10 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, data: SyntheticPairs | RealPairs, seed: int, rank: int, batch: int):
         self.data, self.seed, self.rank, self.batch = data, seed, rank, batch
 
-    def __getitem__(self, step: int) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[int, tuple[torch.Tensor | None, ...], torch.Tensor]:
         rng, g = step_rngs(self.seed, step, self.rank)
         b = self.data.sample(rng, g, self.batch)
-        return tuple(vars(b).values()), g.get_state()
+        return step, tuple(vars(b).values()), g.get_state()
 
 
 def _worker_init(_: int) -> None:
@@ -285,9 +285,11 @@ def step_loader(
     last: int,
     workers: int,
     pin: bool,
-) -> Iterator[tuple[Stage1Batch, torch.Tensor]]:
-    """The batches of steps ``first..last`` in order, drawn ahead by ``workers`` processes
-    (torch's DataLoader; each worker runs one CPU thread)."""
+) -> Generator[tuple[int, Stage1Batch, torch.Tensor], None, None]:
+    """(step, batch, generator state) for steps ``first..last`` in order, drawn ahead by
+    ``workers`` processes (torch's DataLoader). Each worker runs one CPU thread; the batches
+    equal the training loop's own draws bit for bit when the loop runs one thread too (with
+    more, the augmentation's float reductions may round differently)."""
     loader = torch.utils.data.DataLoader(
         StepBatches(data, seed, rank, batch),
         batch_size=None,
@@ -297,5 +299,5 @@ def step_loader(
         prefetch_factor=4,
         worker_init_fn=_worker_init,
     )
-    for fields, g_state in loader:
-        yield Stage1Batch(*fields), g_state
+    for step, fields, g_state in loader:
+        yield step, Stage1Batch(*fields), g_state
