@@ -89,7 +89,6 @@ class CudaGraphed:
     def __init__(self, fn: Any, max_graphs: int = 8, warmup: int = 2):
         self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
         self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], torch.Tensor]] = {}
-        self.eager_calls = 0
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
@@ -97,7 +96,6 @@ class CudaGraphed:
             entry = self.graphs.get(key)
             if entry is None:
                 if len(self.graphs) >= self.max_graphs:
-                    self.eager_calls += 1
                     with torch.no_grad():
                         return self.fn(*args)
                 entry = self._capture(key, args)

@@ -579,7 +579,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=0,
-        help="processes drawing batches ahead (0: in the loop; same batches either way)",
+        help="processes drawing batches ahead (0: in the loop; the same batches as the loop "
+        "draws with --threads 1)",
     )
     p.add_argument("--export-every", type=int, default=0, help="write EMA safetensors every N")
     p.add_argument(
