@@ -235,6 +235,46 @@ def test_paint_starts_as_the_plain_renderer_and_paints_where_masked() -> None:
         )
 
 
+def test_inject_starts_as_the_plain_renderer_and_is_a_per_pixel_product() -> None:
+    """``inject``: zero at init gives exactly the plain renderer (so older weights load into
+    it); the injected term is W·(A(latent_b) ⊙ F) for each motion b against one source pyramid
+    of batch 1 (checked against the explicit per-sample conv), and it moves the image."""
+    from engine.models.stage1 import Inject
+
+    torch.manual_seed(0)
+    plain = Stage1Model(dataclasses.replace(tiny(32), inject=False)).eval()
+    inj = Stage1Model(dataclasses.replace(tiny(32), inject=True)).eval()
+    missing = inj.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".injects." in k for k in missing)
+    with torch.no_grad():
+        for tf in plain.renderer.to_flows:
+            tf.conv.weight.normal_(0, 0.5)  # flows and masks read the renderer's features
+        inj.load_state_dict(plain.state_dict(), strict=False)
+        h, feats = plain.encode(images(1, 32, 5))
+        alpha = torch.randn(3, plain.cfg.motion_dim)
+        torch.testing.assert_close(
+            inj.render(h, feats, alpha), plain.render(h, feats, alpha), atol=0, rtol=0
+        )
+        m = Inject(16, 8)
+        m.conv.weight.normal_()
+        m.conv.modulation.weight.normal_()
+        x = torch.randn(3, 16, 5, 5)
+        feat = torch.randn(1, 16, 5, 5)
+        style = torch.randn(3, 8)
+        s = m.conv.modulation(style)
+        w = m.conv.weight * m.conv.scale
+        want = torch.stack(
+            [x[b] + torch.nn.functional.conv2d(feat * s[b, :, None, None], w)[0] for b in range(3)]
+        )
+        torch.testing.assert_close(m(x, feat, style), want, atol=1e-5, rtol=1e-5)
+        got_cl = m(x.contiguous(memory_format=torch.channels_last), feat, style)
+        assert got_cl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
+        for mod in inj.renderer.injects:
+            mod.conv.weight.normal_()
+        assert (inj.render(h, feats, alpha) - plain.render(h, feats, alpha)).abs().mean() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------
 # Batching, gradients, bf16
 # --------------------------------------------------------------------------------------------

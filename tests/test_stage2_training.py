@@ -107,6 +107,48 @@ def test_world_motion_alpha_is_the_standardised_motion() -> None:
         world_motion_alpha(motion, enc[:4])
 
 
+def test_sampler_takes_free_components_from_the_reference_frame() -> None:
+    """With world_alpha (rest_from = 14), every window frame's components 14.. are the
+    reference frame's (as the stage-1 renderer is trained); without it, each frame's own."""
+    import numpy as np
+
+    from engine.audio import LogMelFrontend
+    from engine.config import load_config
+    from engine.models.stage2 import Stage2Nets
+    from engine.windowing import WindowPlan
+    from training.stage2_data import Stage2Clip, WindowSampler
+
+    cfg = load_config("tiny")
+    plan = WindowPlan.from_config(
+        cfg.stage2, LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
+    )
+    t = 40
+    alpha = torch.arange(t, dtype=torch.float32)[:, None] + torch.arange(20)[None] / 100
+    clip = Stage2Clip(
+        audio=np.zeros(16000 * 2, np.float32),
+        feats=torch.zeros(t * 4 + 50, cfg.stage2.audio.n_mels),
+        alpha=alpha,
+        h=torch.arange(t, dtype=torch.float32)[:, None].expand(t, cfg.stage1.latent_dim),
+        controls=torch.ones(t, 5),
+        identity=0,
+    )
+    norm = Stage2Nets.from_config(cfg).normalizer
+    norm.fit(alpha, mode="minmax")
+    for rest_from in (None, 14):
+        sampler = WindowSampler([clip], plan, cfg, norm, rest_from=rest_from)
+        b = sampler.sample(np.random.default_rng(1), 6)
+        x0 = norm.denormalize(b.x0)
+        ref = norm.denormalize(b.ref_alpha)
+        ref_frame = b.ref_h[:, 0].round().long()
+        torch.testing.assert_close(ref, alpha[ref_frame])
+        frames = x0[..., 0].round().long()  # which frame each row came from
+        torch.testing.assert_close(x0[..., :14], alpha[frames][..., :14])
+        want = ref[:, None, 14:].expand_as(x0[..., 14:]) if rest_from else alpha[frames][..., 14:]
+        torch.testing.assert_close(x0[..., 14:], want)
+        if rest_from:
+            assert not torch.equal(alpha[frames][..., 14:], want)  # the test can tell them apart
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:
     args = [
         "--config",

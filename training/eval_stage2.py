@@ -185,7 +185,9 @@ def evaluate(
         a_true = encode_frames(s1, clip.frames)[1]
         reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         if world_alpha:
-            a_true = world_motion_alpha(clip.motion, a_true)
+            # the world's motion, the free components the portrait's own (as the renderer and
+            # stage 2 are trained; each frame's reading there would carry that frame's face)
+            a_true = world_motion_alpha(clip.motion, ref_alpha.reshape(1, -1).expand_as(a_true))
             reenact_true.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         alpha_true.append(a_true[: len(gt)].double().numpy())
         alphas = []

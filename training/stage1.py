@@ -258,12 +258,15 @@ class Stage1Trainer:
 
         tensors, saved, meta = load_weights(path, "stage1")
         own = self.cfg.stage1
-        if dataclasses.replace(saved.stage1, paint=own.paint) != own:
+        if dataclasses.replace(saved.stage1, paint=own.paint, inject=own.inject) != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
+        # extensions the file lacks start at zero (their fresh init): the same output as the
+        # file's model
+        state = self.model.state_dict()
         if own.paint and not saved.stage1.paint:
-            # the paint convs start at zero: the same output as the file's model
-            state = self.model.state_dict()
             tensors = {**{k: v for k, v in state.items() if k.endswith(".paint.weight")}, **tensors}
+        if own.inject and not saved.stage1.inject:
+            tensors = {**{k: v for k, v in state.items() if ".injects." in k}, **tensors}
         load_into(self.model, tensors, str(path))
         self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
 

@@ -45,6 +45,7 @@ from training.common import (
     truncate_metrics,
     write_ddp_fingerprint,
 )
+from training.stage1_data import AUX_FIELDS
 from training.stage2_data import Stage2Batch, WindowSampler, extract, load_clips
 
 
@@ -133,7 +134,13 @@ class Stage2Trainer:
         self.schedule = DiffusionSchedule.linear(
             cfg.stage2.timesteps, cfg.stage2.beta_start, cfg.stage2.beta_end
         )
-        self.sampler = WindowSampler(self.clips, self.plan, cfg, self.nets.normalizer)
+        self.sampler = WindowSampler(
+            self.clips,
+            self.plan,
+            cfg,
+            self.nets.normalizer,
+            rest_from=len(AUX_FIELDS) if self.t.world_alpha else None,
+        )
         self.step_mod: nn.Module = Stage2Step(self.nets, self.schedule, self.plan)
         if info.enabled:
             ids = [info.local_rank] if info.device.type == "cuda" else None

@@ -160,10 +160,23 @@ class Stage2Batch:
 
 
 class WindowSampler:
-    def __init__(self, clips: list[Stage2Clip], plan: WindowPlan, cfg: Config, normalizer):
+    """Training windows (``sample``). rest_from: with world_alpha, the index of the first
+    component the world does not define (14); every frame's components from there on are then
+    the reference frame's, which is what the stage-1 renderer was trained to receive there
+    (``train.stage1.teacher_rest = "source"``) and what an avatar portrait supplies."""
+
+    def __init__(
+        self,
+        clips: list[Stage2Clip],
+        plan: WindowPlan,
+        cfg: Config,
+        normalizer,
+        rest_from: int | None = None,
+    ):
         if not clips:
             raise UserError("stage-2 data holds no clips")
         self.clips, self.plan, self.norm = clips, plan, normalizer
+        self.rest_from = rest_from
         self.pad_row = silence_feature_row(LogMelFrontend(cfg.stage2.audio))
 
     def sample(self, rng: np.random.Generator, batch: int, p_given: float = 0.5) -> Stage2Batch:
@@ -196,6 +209,8 @@ class WindowSampler:
             ai = torch.arange(s - k, s + w)
             a = clip.alpha[ai.clamp(0, t - 1)].clone()
             a[ai < 0] = clip.alpha[r]  # before the stream start, the prefix is the reference α
+            if self.rest_from is not None:
+                a[:, self.rest_from :] = clip.alpha[r, self.rest_from :]
             x0s.append(self.norm.normalize(a))
             refa.append(self.norm.normalize(clip.alpha[r]))
             refh.append(clip.h[r])

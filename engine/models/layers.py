@@ -109,14 +109,15 @@ def upfirdn2d(
 
 def pointwise(x: Tensor, w: Tensor) -> Tensor:
     """1×1 conv without bias as a matmul: x (B, C, H, W), w (O, C) shared or (B, O, C) per
-    sample -> (B, O, H, W) contiguous NCHW.
+    sample (x may then have batch 1: one source, B motions) -> (B, O, H, W) contiguous NCHW.
 
     For few output channels (flow, RGB) this beats mkldnn's conv, and a channels_last input is
     first made NCHW: a (HW, C) @ (C, 3) product with C = 8 runs ~6x slower than (3, C) @ (C, HW).
     """
     b, c, h, wd = x.shape
     y = w.to(x.dtype) @ x.contiguous().reshape(b, c, h * wd)  # (B, O, HW)
-    return y.reshape(b, -1, h, wd)
+    # batch from the product: x of batch 1 against per-sample w (B, O, C) broadcasts to B
+    return y.reshape(y.shape[0], -1, h, wd)
 
 
 class Blur(nn.Module):

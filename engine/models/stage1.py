@@ -394,6 +394,32 @@ class ToRGB(nn.Module):
         return out
 
 
+class Inject(nn.Module):
+    """livehead extension (``stage1.inject``): x += W·(A(latent) ⊙ F_r), a 1×1 modulated conv of
+    the source's encoder features at this level, added to the renderer's features before the
+    flow. Zero at init (the plain renderer).
+
+    Why: LIA's renderer builds its flow from a 4×4 constant and the latent, so it has to infer
+    *where* a motion acts (this face's mouth) from a 512-vector; the source features only reach
+    it through the warp blend. Here every pixel gets "what the source has here × how much of
+    each motion", a product a following conv can turn into a local flow or paint.
+    ~25 M multiply-adds per 256² frame in the tiny config.
+    """
+
+    def __init__(self, channels: int, style_dim: int) -> None:
+        super().__init__()
+        self.conv = ModulatedConv2d(channels, channels, 1, style_dim, demodulate=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x: Tensor, feat: Tensor, style: Tensor) -> Tensor:
+        """x: (B, C, r, r) renderer features; feat: (1 or B, C, r, r) source features; style:
+        (B, latent) -> (B, C, r, r) in x's dtype and memory layout."""
+        y = self.conv(feat.to(x.dtype), style).to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)
+        return x + y
+
+
 class Renderer(nn.Module):
     """G: (latent, source feature pyramid) -> image.
 
@@ -416,7 +442,10 @@ class Renderer(nn.Module):
         self.convs = nn.ModuleList()
         self.to_flows = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
+        self.injects = nn.ModuleList() if cfg.inject else None
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            if self.injects is not None:
+                self.injects.append(Inject(b, L))
             self.up_convs.append(StyledConv(a, b, 3, L, upsample=True, blur_kernel=bk))
             self.convs.append(StyledConv(b, b, 3, L, blur_kernel=bk))
             self.to_flows.append(ToFlow(b, L, bk))
@@ -456,10 +485,12 @@ class Renderer(nn.Module):
         raw: Tensor | None = None
         offsets: list[Tensor] = []
         masks: list[Tensor] = []
-        for up, conv, to_flow, to_rgb, feat, grid in zip(
-            self.up_convs, self.convs, self.to_flows, self.to_rgbs, feats, self.grids()
+        for i, (up, conv, to_flow, to_rgb, feat, grid) in enumerate(
+            zip(self.up_convs, self.convs, self.to_flows, self.to_rgbs, feats, self.grids())
         ):
             x = conv(up(x, latent), latent)
+            if self.injects is not None:
+                x = self.injects[i](x, feat, latent)
             fw, x_next, raw = to_flow(x, latent, feat, grid, raw)
             # x·(1-m) = x_next - fw: what the renderer itself holds where the source is masked
             rgb = to_rgb(fw, rgb, x_next - fw if self.paint else None)
