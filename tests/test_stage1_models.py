@@ -235,10 +235,10 @@ def test_paint_starts_as_the_plain_renderer_and_paints_where_masked() -> None:
         )
 
 
-def test_inject_starts_as_the_plain_renderer_and_is_a_per_pixel_product() -> None:
+def test_inject_starts_as_the_plain_renderer_and_is_a_per_pixel_mlp() -> None:
     """``inject``: zero at init gives exactly the plain renderer (so older weights load into
-    it); the injected term is W·(A(latent_b) ⊙ F) for each motion b against one source pyramid
-    of batch 1 (checked against the explicit per-sample conv), and it moves the image."""
+    it); the injected term is W2·lrelu(W1·F + V·alpha_b + b) for each motion b against one
+    source pyramid of batch 1 (checked against explicit convs), and it moves the image."""
     from engine.models.stage1 import Inject
 
     torch.manual_seed(0)
@@ -255,23 +255,35 @@ def test_inject_starts_as_the_plain_renderer_and_is_a_per_pixel_product() -> Non
         torch.testing.assert_close(
             inj.render(h, feats, alpha), plain.render(h, feats, alpha), atol=0, rtol=0
         )
-        m = Inject(16, 8)
-        m.conv.weight.normal_()
-        m.conv.modulation.weight.normal_()
+        m = Inject(16, 8, 24)
+        m.out.weight.normal_()
         x = torch.randn(3, 16, 5, 5)
         feat = torch.randn(1, 16, 5, 5)
-        style = torch.randn(3, 8)
-        s = m.conv.modulation(style)
-        w = m.conv.weight * m.conv.scale
+        a = torch.randn(3, 8)
+        w1 = m.feat.weight * m.feat.scale
+        v = m.motion.weight * m.motion.scale
+        w2 = m.out.weight * m.out.scale
+        conv = torch.nn.functional.conv2d
         want = torch.stack(
-            [x[b] + torch.nn.functional.conv2d(feat * s[b, :, None, None], w)[0] for b in range(3)]
+            [
+                x[i]
+                + conv(
+                    torch.nn.functional.leaky_relu(
+                        conv(feat, w1, m.feat.bias) + (v @ a[i])[None, :, None, None], 0.2
+                    ),
+                    w2,
+                )[0]
+                for i in range(3)
+            ]
         )
-        torch.testing.assert_close(m(x, feat, style), want, atol=1e-5, rtol=1e-5)
-        got_cl = m(x.contiguous(memory_format=torch.channels_last), feat, style)
+        torch.testing.assert_close(m(x, feat, a), want, atol=1e-5, rtol=1e-5)
+        got_cl = m(x.contiguous(memory_format=torch.channels_last), feat, a)
         assert got_cl.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="alpha"):
+            inj.renderer(inj.latent(h, alpha), feats)
         for mod in inj.renderer.injects:
-            mod.conv.weight.normal_()
+            mod.out.weight.normal_()
         assert (inj.render(h, feats, alpha) - plain.render(h, feats, alpha)).abs().mean() > 1e-3
 
 

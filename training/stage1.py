@@ -143,7 +143,9 @@ class GeneratorStep(nn.Module):
         alpha = both[n:]
         if render_alpha is not None:
             alpha = render_alpha(alpha, both[:n])
-        recon, _, masks = m.renderer.forward_aux(m.latent(h[:n], alpha), [f[:n] for f in feats])
+        recon, _, masks = m.renderer.forward_aux(
+            m.latent(h[:n], alpha), [f[:n] for f in feats], alpha
+        )
         return {
             "recon": recon,
             "mask_means": torch.stack([k.detach().float().mean() for k in masks]),
