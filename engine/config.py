@@ -230,6 +230,11 @@ class TrainStage1Config:
     # as an avatar portrait does, so the renderer learns to open a mouth it can see is closed
     # (a source's mouth state is otherwise only as known as the encoder reads it). 0 = off.
     closed_source: float = 0.0
+    # synthetic-world accelerator: this fraction of pairs keeps the source's head (a near pair's
+    # small jitter of pose, place and scale) and draws a new expression (mouth, lids, brows,
+    # gaze). Independent pairs move the whole head, and a misplaced head's error drowns the
+    # mouth's in the loss (seen: the mouth not drawn after ~29k such samples). 0 = off.
+    expression_pairs: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

@@ -124,6 +124,26 @@ def test_closed_source_setting() -> None:
     assert free.gt_source is not None and (free.gt_source[:, k] > 0).any()
 
 
+def test_expression_pairs_keep_the_head_and_change_the_face() -> None:
+    """expression_pairs = 1 with near_amount = 0: every target has the source's head pose,
+    place and scale exactly and a new expression (mouth, lids, brows, gaze); independent pairs
+    (the default mix with near_pairs = 0) move the head."""
+    import numpy as np
+
+    from training.stage1_data import AUX_FIELDS, SyntheticPairs
+
+    cfg = load_config("tiny")
+    k = AUX_FIELDS.index("mouth_open")
+    rng, g = np.random.default_rng(3), torch.Generator().manual_seed(0)
+    expr = SyntheticPairs(cfg.world, 64, near_amount=0.0, expression_pairs=1.0).sample(rng, g, 8)
+    assert expr.gt_source is not None and expr.gt_target is not None
+    assert torch.equal(expr.gt_target[:, :k], expr.gt_source[:, :k])
+    assert (expr.gt_target[:, k:] != expr.gt_source[:, k:]).any(dim=1).all()
+    apart = SyntheticPairs(cfg.world, 64, near_pairs=0.0).sample(rng, g, 8)
+    assert apart.gt_source is not None and apart.gt_target is not None
+    assert (apart.gt_target[:, :k] != apart.gt_source[:, :k]).any(dim=1).all()
+
+
 def test_negatives_drawn_only_when_used() -> None:
     """negatives=False (in-batch negatives, or the renderer-only phase): no negative frame is
     rendered; the rest of the batch is the same kind."""

@@ -180,6 +180,7 @@ class Stage1Trainer:
                 t.near_amount,
                 t.closed_source,
                 negatives=t.negatives and not t.renderer_only,  # else they go unused
+                expression_pairs=t.expression_pairs,
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -342,6 +343,9 @@ class Stage1Trainer:
                 "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
                 "renderer_only": self.t.renderer_only,
                 "closed_source": self.t.closed_source if self.opts.data == "synthetic" else 0.0,
+                "expression_pairs": (
+                    self.t.expression_pairs if self.opts.data == "synthetic" else 0.0
+                ),
                 "weights": which,
             },
         )

@@ -160,6 +160,7 @@ class SyntheticPairs:
         near_amount: float = 0.3,
         closed_source: float = 0.0,
         negatives: bool = True,
+        expression_pairs: float = 0.0,
     ):
         """negatives: render the explicit negative frame (another identity) of each item;
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering."""
@@ -167,6 +168,7 @@ class SyntheticPairs:
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
         self.closed_source = closed_source
+        self.expression_pairs = expression_pairs
         self.negatives = negatives
         self.world = world
         self.size = image_size
@@ -188,7 +190,14 @@ class SyntheticPairs:
             if self.closed_source > 0 and rng.random() < self.closed_source:
                 # as a portrait is: the mouth closed and at rest (the target says what opens)
                 m_src["mouth_open"], m_src["mouth_round"], m_src["mouth_width"] = 0.0, 0.0, 0.5
-            if rng.random() < self.near_pairs:
+            if self.expression_pairs > 0 and rng.random() < self.expression_pairs:
+                # the head as in the source (a near pair's jitter), a new expression
+                amount = float(rng.uniform(0.0, self.near_amount))
+                m_tgt = motion.perturb_motion(rng, m_src, amount)
+                fresh = motion.random_motion(rng, 1)
+                for f in motion.EXPRESSION_FIELDS:
+                    m_tgt[f] = fresh[f]
+            elif rng.random() < self.near_pairs:
                 # two frames of one video: a motion change of random size, down to none
                 amount = float(rng.uniform(0.0, self.near_amount))
                 m_tgt = motion.perturb_motion(rng, m_src, amount)

@@ -53,6 +53,8 @@ MOTION_FIELDS = (
     "gaze_x",
     "gaze_y",
 )
+# the face's own motions (everything after head pose, place and scale)
+EXPRESSION_FIELDS = MOTION_FIELDS[MOTION_FIELDS.index("mouth_open") :]
 MOTION_DTYPE = np.dtype([(name, np.float32) for name in MOTION_FIELDS])
 
 YAW_LIMIT = 35.0 / 90.0
