@@ -54,6 +54,12 @@ class Stage1Config:
     # (the mouth of this face) from the latent alone; this gives every pixel "what is here ×
     # how much of each motion", so a motion can act where its part of the face is.
     inject: bool = False
+    # livehead extension (off = LIA/AniTalker): at the levels of 64² and up, the RGB also reads
+    # the high-pass (finer than 4 px) of the warped, masked source features through a 1×1 conv
+    # (zero at init). The RGB skip sums coarse-to-fine, so fine detail must come as a residual
+    # over the upsampled coarse image, which a 1×1 conv of full-band features cannot give: the
+    # renderer rebuilt even its own source at only ~29 dB.
+    detail: bool = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -287,6 +287,32 @@ def test_inject_starts_as_the_plain_renderer_and_is_a_per_pixel_mlp() -> None:
         assert (inj.render(h, feats, alpha) - plain.render(h, feats, alpha)).abs().mean() > 1e-3
 
 
+def test_detail_starts_as_the_plain_renderer_and_adds_only_fine_detail() -> None:
+    """``detail``: zero at init gives exactly the plain renderer, and only the levels of 64² and
+    up get the path; its input is a high-pass, so flat features add nothing and fine texture
+    does (a non-zero path then moves the image)."""
+    from engine.models.stage1 import high_pass
+
+    torch.manual_seed(0)
+    plain = Stage1Model(dataclasses.replace(tiny(128), detail=False)).eval()
+    det = Stage1Model(dataclasses.replace(tiny(128), detail=True)).eval()
+    missing = det.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"renderer.to_rgbs.{i}.detail.weight" for i in (3, 4)]  # 64, 128
+    flat = torch.full((2, 4, 16, 16), 0.7)
+    torch.testing.assert_close(high_pass(flat), torch.zeros_like(flat))
+    assert high_pass(torch.randn(2, 4, 16, 16)).abs().mean() > 0.3
+    with torch.no_grad():
+        h, feats = plain.encode(images(1, 128, 6))
+        alpha = torch.randn(2, plain.cfg.motion_dim)
+        torch.testing.assert_close(
+            det.render(h, feats, alpha), plain.render(h, feats, alpha), atol=0, rtol=0
+        )
+        for rgb in det.renderer.to_rgbs:
+            if rgb.detail is not None:
+                rgb.detail.weight.normal_()
+        assert (det.render(h, feats, alpha) - plain.render(h, feats, alpha)).abs().mean() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------
 # Batching, gradients, bf16
 # --------------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ class Stage1Trainer:
 
         tensors, saved, meta = load_weights(path, "stage1")
         own = self.cfg.stage1
-        if dataclasses.replace(saved.stage1, paint=own.paint, inject=own.inject) != own:
+        ext = {"paint": own.paint, "inject": own.inject, "detail": own.detail}
+        if dataclasses.replace(saved.stage1, **ext) != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
         # extensions the file lacks start at zero (their fresh init): the same output as the
         # file's model
@@ -270,6 +271,11 @@ class Stage1Trainer:
             tensors = {**{k: v for k, v in state.items() if k.endswith(".paint.weight")}, **tensors}
         if own.inject and not saved.stage1.inject:
             tensors = {**{k: v for k, v in state.items() if ".injects." in k}, **tensors}
+        if own.detail and not saved.stage1.detail:
+            tensors = {
+                **{k: v for k, v in state.items() if k.endswith(".detail.weight")},
+                **tensors,
+            }
         load_into(self.model, tensors, str(path))
         self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
 

@@ -369,13 +369,21 @@ class ToRGB(nn.Module):
     the same output) reads the renderer's own features where the mask hid the source."""
 
     def __init__(
-        self, in_channels: int, blur_kernel: list[int], upsample: bool, paint: bool = False
+        self,
+        in_channels: int,
+        blur_kernel: list[int],
+        upsample: bool,
+        paint: bool = False,
+        detail: bool = False,
     ) -> None:
         super().__init__()
         self.conv = EqualConv2d(in_channels, 3, 1)
         self.paint = EqualConv2d(in_channels, 3, 1, bias=False) if paint else None
         if self.paint is not None:
             nn.init.zeros_(self.paint.weight)
+        self.detail = EqualConv2d(in_channels, 3, 1, bias=False) if detail else None
+        if self.detail is not None:
+            nn.init.zeros_(self.detail.weight)
         self.upsample = Upsample(blur_kernel) if upsample else None
 
     def forward(self, x: Tensor, skip: Tensor | None, own: Tensor | None = None) -> Tensor:
@@ -389,9 +397,20 @@ class ToRGB(nn.Module):
             out = out + conv.bias.reshape(1, 3, 1, 1)
             if self.paint is not None and own is not None:
                 out = out + pointwise(own.float(), self.paint.weight[:, :, 0, 0] * self.paint.scale)
+            if self.detail is not None:
+                out = out + pointwise(
+                    high_pass(x.float()), self.detail.weight[:, :, 0, 0] * self.detail.scale
+                )
             if skip is not None and self.upsample is not None:
                 out = out + self.upsample(skip)
         return out
+
+
+def high_pass(x: Tensor, factor: int = 4) -> Tensor:
+    """x minus its low-pass (average over factor² blocks, bilinear back up): what is finer than
+    ``factor`` pixels. (B, C, r, r) -> (B, C, r, r)."""
+    low = F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="bilinear")
+    return x - low
 
 
 class Inject(nn.Module):
@@ -458,7 +477,8 @@ class Renderer(nn.Module):
             self.up_convs.append(StyledConv(a, b, 3, L, upsample=True, blur_kernel=bk))
             self.convs.append(StyledConv(b, b, 3, L, blur_kernel=bk))
             self.to_flows.append(ToFlow(b, L, bk))
-            self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0, paint=cfg.paint))
+            detail = cfg.detail and self.sizes[i + 1] >= 64
+            self.to_rgbs.append(ToRGB(b, bk, upsample=i > 0, paint=cfg.paint, detail=detail))
         for r in self.sizes[1:]:
             # constants, rebuilt on construction: not saved in checkpoints. Stored 3-D so that
             # model.to(memory_format=channels_last) leaves their layout alone.
