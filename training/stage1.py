@@ -261,8 +261,10 @@ class Stage1Trainer:
 
         tensors, saved, meta = load_weights(path, "stage1")
         own = self.cfg.stage1
-        ext = {"paint": own.paint, "inject": own.inject, "detail": own.detail}
-        if dataclasses.replace(saved.stage1, **ext) != own:
+        same = dataclasses.replace(
+            saved.stage1, paint=own.paint, inject=own.inject, detail=own.detail
+        )
+        if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
         # extensions the file lacks start at zero (their fresh init): the same output as the
         # file's model
