@@ -48,11 +48,11 @@ class Stage1Config:
     # features where the occlusion mask hides the warped source, ToRGB'(x·(1-m)), so it can
     # paint what the source does not show (an open mouth from a closed one). Starts at zero.
     paint: bool = False
-    # livehead extension (off = LIA/AniTalker): at each level the source's own features, scaled
-    # per channel by the motion latent, are added to the renderer's features before the flow
-    # (x += W·(A(latent) ⊙ F_r), 1×1, starts at zero). LIA's renderer must find *where* to move
-    # (the mouth of this face) from the latent alone; this gives every pixel "what is here ×
-    # how much of each motion", so a motion can act where its part of the face is.
+    # livehead extension (off = LIA/AniTalker): at each level a per-pixel MLP of the source's
+    # own features and the motion vector is added to the renderer's features before the flow
+    # (x += W2·lrelu(W1·F_r + V·alpha + b), 1×1, W2 starts at zero). LIA's renderer must find
+    # *where* to move (the mouth of this face) from the latent alone; this lets a hidden unit be
+    # "lip here AND opening large", so a motion can act where its part of the face is.
     inject: bool = False
     # livehead extension (off = LIA/AniTalker): at the levels of 64² and up, the RGB also reads
     # the high-pass (finer than 4 px) of the warped, masked source features through a 1×1 conv
