@@ -330,25 +330,31 @@ def test_warm_start_from_exported_weights(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="another"):
         Stage1Trainer(bad, Stage1Options(run_dir=tmp_path / "c", init_from=str(w)), DistInfo())
     # the livehead renderer extensions the file lacks start at zero: the same images
-    ext = ["stage1.paint=false", "stage1.inject=true", "stage1.detail=true"]
     plain_cfg = load_config("tiny", [*SMALL, "stage1.paint=false"])
     p = Stage1Trainer(plain_cfg, Stage1Options(run_dir=tmp_path / "d", steps=1), DistInfo())
     p.fit()
     wp = tmp_path / "d" / "stage1.safetensors"
-    for extra in (["stage1.paint=true"], ext[1:2], ext[2:], ["stage1.paint=true", *ext[1:]]):
+    p.model.load_state_dict(
+        {k: v.to(p.model.state_dict()[k].dtype) for k, v in p.ema.state_dict().items()}
+    )
+    p.model.eval()
+    p.model.lmd.freeze()
+    variants = (
+        ["stage1.paint=true"],
+        ["stage1.paint=false", "stage1.inject=true"],
+        ["stage1.paint=false", "stage1.detail=true"],
+        ["stage1.paint=true", "stage1.inject=true", "stage1.detail=true"],
+    )
+    for extra in variants:
         e = Stage1Trainer(
             load_config("tiny", [*SMALL, *extra]),
             Stage1Options(run_dir=tmp_path / "e", steps=0, init_from=str(wp)),
             DistInfo(),
         )
-        src = torch.rand(1, 3, 64, 64) * 2 - 1
+        e.model.eval()
+        e.model.lmd.freeze()
         with torch.no_grad():
-            p.model.eval(), e.model.eval()
-            p.model.load_state_dict(
-                {k: v.to(p.model.state_dict()[k].dtype) for k, v in p.ema.state_dict().items()}
-            )
-            p.model.lmd.freeze(), e.model.lmd.freeze()
-            h, feats = p.model.encode(src)
+            h, feats = p.model.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
             alpha = torch.randn(2, p.model.cfg.motion_dim)
             torch.testing.assert_close(
                 e.model.render(h, feats, alpha), p.model.render(h, feats, alpha), atol=2e-3, rtol=0

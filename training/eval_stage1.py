@@ -23,8 +23,8 @@ Metrics (all on held-out identities, which training never sees):
   clip's true standardised motion and the other components the source portrait's own reading
   (until session 6: the driving frame's reading, which let a target leak through) -- the
   renderer's share of the error without the encoder's, i.e. what rendering gets when the
-  motion fields are exactly right and nothing else of the driver is given. (Stage 2 with
-  ``world_alpha`` still trains on each frame's own reading in the free components.)
+  motion fields are exactly right and nothing else of the driver is given; what stage 2
+  trained with ``world_alpha`` is trained to produce.
 - ``alpha_pose_r``, ``alpha_mouth_r``: how much of the world's motion alpha carries. Each
   held-out identity is drawn in ``frames`` independent random poses/expressions; a
   least-squares linear read-out of alpha (+ bias) onto the ground-truth fields is fitted on half

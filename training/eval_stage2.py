@@ -23,8 +23,9 @@ every generated frame. Its own held-out accuracy is printed with the results (``
   stage-1 model (low: the renderer does not draw the mouth; high while ``lipsync_r`` is low:
   stage 2 does not move it).
 - ``reenact_lipsync_r_true_alpha`` (stage-2 weights trained with ``world_alpha`` only): the
-  same with alpha's first 14 components set to the clip's true standardised motion -- what
-  that stage 2 is trained to produce; then the read-out below is fitted on that alpha too.
+  same with alpha's first 14 components set to the clip's true standardised motion and the
+  rest the portrait's own reading -- what that stage 2 is trained to produce; then the
+  read-out below is fitted on that alpha too.
 - ``alpha_lipsync_r``: lip sync in motion space, renderer left out: a linear read-out of the
   mouth opening from α, fitted (least squares, on these clips) on α encoded from the world's
   frames, applied to the generated α; ``alpha_mouth_r_encoded`` is that read-out's own r on

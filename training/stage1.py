@@ -266,18 +266,12 @@ class Stage1Trainer:
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
-        # extensions the file lacks start at zero (their fresh init): the same output as the
-        # file's model
-        state = self.model.state_dict()
-        if own.paint and not saved.stage1.paint:
-            tensors = {**{k: v for k, v in state.items() if k.endswith(".paint.weight")}, **tensors}
-        if own.inject and not saved.stage1.inject:
-            tensors = {**{k: v for k, v in state.items() if ".injects." in k}, **tensors}
-        if own.detail and not saved.stage1.detail:
-            tensors = {
-                **{k: v for k, v in state.items() if k.endswith(".detail.weight")},
-                **tensors,
-            }
+        # renderer extensions the file lacks keep their fresh init (zero where it matters):
+        # the same output as the file's model
+        marks = {"paint": ".paint.", "inject": ".injects.", "detail": ".detail."}
+        new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
+        fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
+        tensors = {**fresh, **tensors}
         load_into(self.model, tensors, str(path))
         self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
 
