@@ -275,9 +275,9 @@ def run(args: argparse.Namespace) -> int:
     if args.clips < 1 or args.seconds <= 0 or args.seeds < 1:
         raise UserError("--clips and --seeds must be >= 1, --seconds > 0")
     s1, cfg1, _ = load_stage1(args.stage1)
-    s2, cfg, meta = load_stage2(args.checkpoint)
-    if cfg.stage1 != cfg1.stage1:
-        raise UserError("the stage-2 checkpoint was trained on another stage-1 config")
+    # the same check as the engine: stage 2 needs stage 1's motion space (renderer-only
+    # changes such as stage1.inject keep it; stage 2 sees only the encoder's h and alpha)
+    s2, cfg, meta = load_stage2(args.checkpoint, stage1=cfg1.stage1)
     probe, acc = load_probe(Path(args.probe))
     res = evaluate(
         s1,
