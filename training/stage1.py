@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,6 +275,16 @@ class Stage1Trainer:
         tensors = {**fresh, **tensors}
         load_into(self.model, tensors, str(path))
         self.model.lmd.unfreeze()  # training re-orthonormalises from the weight every step
+        seed = self.cfg.train.seed
+        if self.dist.is_main and meta.get("seed", seed) == seed and self.opts.data == "synthetic":
+            # batches are a function of (train.seed, step): a warm start that restarts the step
+            # count under the seed of the run it comes from draws that run's batches again
+            print(
+                f"note: --init-from {path.name}: batches follow train.seed ({seed}) and the step "
+                "number, so this run sees the batches of a run with the same seed again; "
+                "--set train.seed=N for new ones",
+                file=sys.stderr,
+            )
 
     # ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -349,6 +360,7 @@ class Stage1Trainer:
                     self.t.expression_pairs if self.opts.data == "synthetic" else 0.0
                 ),
                 "weights": which,
+                "seed": self.cfg.train.seed,
             },
         )
 
