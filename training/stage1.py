@@ -279,9 +279,10 @@ class Stage1Trainer:
         if self.dist.is_main and meta.get("seed", seed) == seed and self.opts.data == "synthetic":
             # batches are a function of (train.seed, step): a warm start that restarts the step
             # count under the seed of the run it comes from draws that run's batches again
+            made = "was made" if "seed" in meta else "may have been made (not recorded)"
             print(
-                f"note: --init-from {path.name}: batches follow train.seed ({seed}) and the step "
-                "number, so this run sees the batches of a run with the same seed again; "
+                f"note: --init-from {path.name} {made} with train.seed {seed}: batches follow "
+                "the seed and the step number, so this run would see that run's batches again; "
                 "--set train.seed=N for new ones",
                 file=sys.stderr,
             )

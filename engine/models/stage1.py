@@ -27,12 +27,15 @@ Parameter counts (``Stage1Model.param_counts``; tiny = configs/tiny.toml):
     identity_head              525,312    131,584  512->512->512
     motion_head              1,586,196    399,892  MLP 512->512->512, 4×(512->512), 512->20
     lmd                         10,240      5,120  512×20 (+ a frozen-Q buffer, not a param)
-    renderer (G)            22,407,972  2,885,252  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
+    renderer (G)            22,407,972  3,072,532  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
     ----------------------  ----------  ---------  ----------------------------------------------
-    Stage1Model total       46,396,288  6,414,568  what ``Stage1Model`` holds
+    Stage1Model total       46,396,288  6,601,848  what ``Stage1Model`` holds
     CLUB (separate module)     787,968    197,376  512->512 trunk, mean and log-var heads
-    Stage1Model + CLUB      47,184,256  6,611,944  paper: +0.6 % vs AniTalker's 46.9 M
+    Stage1Model + CLUB      47,184,256  6,799,224  paper: +0.6 % vs AniTalker's 46.9 M
     ======================  ==========  =========  ==============================================
+
+The tiny renderer holds the livehead extensions ``paint``, ``inject`` and ``detail`` (187,280 of
+its parameters; off in the paper config, see ``Stage1Config``).
 
 AniTalker's "46.9 M" is the parameter count of its ``Generator`` (46,923,173 with the official
 code): it holds E, HAL, the decoupling MLPs, the 5 motion linears, LMD and G, *and* the CLUB
