@@ -196,8 +196,8 @@ def test_toflow_zero_weights_is_identity_warp() -> None:
 def test_renderer_flow_is_zero_at_init(model64: Stage1Model) -> None:
     with torch.no_grad():
         h, feats = model64.encode(images(1, 64))
-        lat = model64.latent(h, torch.randn(2, model64.cfg.motion_dim))
-        _, offsets, masks = model64.renderer.forward_aux(lat, feats)
+        alpha = torch.randn(2, model64.cfg.motion_dim)
+        _, offsets, masks = model64.renderer.forward_aux(model64.latent(h, alpha), feats, alpha)
     assert len(offsets) == len(masks) == 4
     for o, m in zip(offsets, masks):
         assert torch.equal(o, torch.zeros_like(o))
@@ -372,7 +372,7 @@ def test_bf16_autocast_forward(model64: Stage1Model) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model64(src, tgt)
             _, offsets, _ = model64.renderer.forward_aux(
-                model64.latent(out.h_src, out.alpha_tgt), model64.encode(src)[1]
+                model64.latent(out.h_src, out.alpha_tgt), model64.encode(src)[1], out.alpha_tgt
             )
     assert out.recon.dtype == torch.float32 and torch.isfinite(out.recon).all()
     assert out.recon.abs().max() <= 1.0

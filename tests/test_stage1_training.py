@@ -497,11 +497,11 @@ def test_teacher_forcing_takes_the_free_components_from_the_chosen_frame(
         h, feats = m.encode(torch.cat([b.source, b.target]))
         a = m.motion(h)
         free = (a[:2] if rest == "source" else a[2:])[:, teacher.shape[1] :]
-        want = m.renderer(m.latent(h[:2], torch.cat([teacher, free], 1)), [f[:2] for f in feats])
+        a_want = torch.cat([teacher, free], 1)
+        want = m.renderer(m.latent(h[:2], a_want), [f[:2] for f in feats], a_want)
         other = (a[2:] if rest == "source" else a[:2])[:, teacher.shape[1] :]
-        not_want = m.renderer(
-            m.latent(h[:2], torch.cat([teacher, other], 1)), [f[:2] for f in feats]
-        )
+        a_not = torch.cat([teacher, other], 1)
+        not_want = m.renderer(m.latent(h[:2], a_not), [f[:2] for f in feats], a_not)
     torch.testing.assert_close(out, want)
     assert (out - not_want).abs().max() > 1e-3
 
