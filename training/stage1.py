@@ -257,7 +257,8 @@ class Stage1Trainer:
     def _warm_start(self, path: Path) -> None:
         """Generator weights from a safetensors export (e.g. the bundled model): the EMA copy
         becomes the starting point; optimisers, D and CLUB start fresh. The step count restarts
-        at 0 unless the file records one."""
+        at 0, so under the seed of the run that made the file the batches repeat (a note says
+        so)."""
         from engine.weights import load_into, load_weights
 
         tensors, saved, meta = load_weights(path, "stage1")

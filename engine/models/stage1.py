@@ -429,8 +429,9 @@ class Inject(nn.Module):
     start small, and the mouth had not started after ~29k leak-free samples). Here a hidden unit
     can be "lip here AND mouth opening large" through a sum and a ReLU (hidden width max(C,
     16)); W2's gradient does not wait on another zero factor, and a following conv turns the
-    result into a local flow, mask or paint. (Measured: it did not make the mouth open within
-    3654 CPU steps either; model card, session 7.)
+    result into a local flow, mask or paint. (Measured: within 3654 CPU steps the mouth did
+    not open; after ~10^5 more samples, with ``detail``, the renderer draws about half of the
+    mouth's true change: model card, sessions 7-8.)
     Cost, tiny config at 256² (torch's flop counter, one frame): the renderer 366 M
     multiply-adds, with inject 425 M; W1 (~29 M of that) runs once per call, not per frame.
     """
