@@ -46,6 +46,8 @@ def _render(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.steps is not None:
         overrides.append(f"stage2.sample_steps={args.steps}")
+    if args.noise_scale is not None:
+        overrides.append(f"stage2.noise_scale={args.noise_scale}")
     engine = Engine.load(
         args.stage1,
         args.checkpoint,
@@ -97,6 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", default=None, help="portrait (default: the bundled avatar)")
     p.add_argument("--seed", type=int, default=0, help="motion seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: config)")
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=None,
+        help="sampling temperature in [0, 2]: lower is steadier, 0 the same for every seed "
+        "(default: config's stage2.noise_scale)",
+    )
     p.add_argument("--pose-yaw", type=float, default=None, help="fixed yaw, degrees")
     p.add_argument("--pose-pitch", type=float, default=None, help="fixed pitch, degrees")
     p.add_argument("--pose-roll", type=float, default=None, help="fixed roll, degrees")

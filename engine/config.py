@@ -105,6 +105,10 @@ class Stage2Config:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     sample_steps: int = 50  # DDIM steps at inference
+    # Sampling temperature: each window's starting noise x_T is scaled by this (1 = the plain
+    # sampler). Below 1 trades spread across seeds for steadier motion (livehead extension;
+    # measured for the tiny model in configs/tiny.toml).
+    noise_scale: float = 1.0
     # Windowing (shared by offline rendering and streaming)
     window_frames: int = 25  # new frames generated per window
     prefix_frames: int = 10  # K already-emitted alphas given as a known prefix
@@ -271,6 +275,11 @@ class TrainStage2Config:
     # such an encoder is trained to read and such a renderer is trained to draw -- instead of
     # the encoder's imperfect reading of the frames. Off for real data.
     world_alpha: bool = False
+    # Share of training windows that are a stream's first (silence before, prefix all the
+    # reference frame's alpha, target anywhere in the clip). Elsewhere the prefix already holds
+    # the target's pose, location and scale, so without these windows the denoiser learns to
+    # continue the prefix and ignores the user's controls.
+    start_windows: float = 0.25
     log_every: int = 10
     ckpt_every: int = 500
     workers: int = 0

@@ -78,7 +78,14 @@ MAX_CHANNELS = 32
 # Stage-2 keys that only change how windows are cut and sampled, not the networks' shapes: a
 # run may set them; every other stage1/stage2 key is fixed by the weights.
 RUNTIME_STAGE2_KEYS = frozenset(
-    {"sample_steps", "window_frames", "prefix_frames", "lookahead_frames", "audio_context_frames"}
+    {
+        "sample_steps",
+        "noise_scale",
+        "window_frames",
+        "prefix_frames",
+        "lookahead_frames",
+        "audio_context_frames",
+    }
 )
 
 
@@ -197,6 +204,8 @@ class Engine:
             )
         if not 1 <= s2.sample_steps <= s2.timesteps:
             raise UserError(f"stage2.sample_steps must be in [1, {s2.timesteps}]")
+        if not 0.0 <= s2.noise_scale <= 2.0:
+            raise UserError(f"stage2.noise_scale must be in [0, 2], got {s2.noise_scale}")
         st = cfg.stream
         if st.output_queue_frames < s2.window_frames:
             raise UserError(
@@ -719,6 +728,7 @@ class StreamSession:
             seed=epoch_seed(self.seed, self._epoch),
             steps=e.cfg.stage2.sample_steps,
             schedule=e.schedule,
+            noise_scale=e.cfg.stage2.noise_scale,
             audio_cfg=e.cfg.stage2.audio,
             pad_row=e.pad_row,
             controls=_ShiftedTrack(self._track, origin_frame),

@@ -16,7 +16,8 @@ Timeline in video frames (25 fps, 640 samples each). Window i generates the W ne
   (mask 1). Training should therefore also show prefixes of the reference α repeated.
 - reference α and h of the portrait (fixed per session), the per-frame controls of the segment
   frames, and the window's noise, (K + W, motion_dim), drawn from (seed, i) alone
-  (``window_noise``), so chunking cannot change it.
+  (``window_noise``), so chunking cannot change it, and scaled by ``stage2.noise_scale`` (the
+  sampling temperature).
 
 ``generate_window`` is a pure function of these inputs. ``generate_offline`` loops it over a
 whole clip; ``MotionStreamer`` runs the same calls as audio arrives, feeding a ``LogMelStream``.
@@ -380,14 +381,18 @@ def generate_offline(
     schedule: DiffusionSchedule,
     pad_row: torch.Tensor,
     controls: ControlTrack | None = None,
+    noise_scale: float = 1.0,
 ) -> torch.Tensor:
     """Motion for a whole clip, window by window exactly as a stream would.
 
     feats: (T_feat, D) features from sample 0, covering ``plan.total_samples(n_frames)`` samples
     (``offline_features``). pad_row: (D,) silence features for frames before the start.
+    noise_scale: the sampling temperature (``stage2.noise_scale``).
     Returns raw α, (n_frames, motion_dim).
     """
-    runner = _WindowRunner(nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls)
+    runner = _WindowRunner(
+        nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls, noise_scale
+    )
     emitted: list[torch.Tensor] = []
     history = torch.zeros(0, ref_alpha.shape[-1], device=feats.device)
     for i in range(plan.num_windows(n_frames)):
@@ -413,6 +418,7 @@ class _WindowRunner:
     schedule: DiffusionSchedule
     pad_row: torch.Tensor
     controls: ControlTrack | None
+    noise_scale: float = 1.0
 
     def run(
         self, i: int, feats: torch.Tensor, first_index: int, history: torch.Tensor
@@ -422,6 +428,8 @@ class _WindowRunner:
         seg = segment_features(feats, first_index, plan, i, self.pad_row)
         prefix = prefix_alpha(history, self.ref_alpha.to(history.device), plan.prefix_frames)
         noise = window_noise(self.seed, i, plan.denoise_frames, self.ref_alpha.shape[-1])
+        if self.noise_scale != 1.0:
+            noise = noise * self.noise_scale
         ctrl = self.controls.segment(*plan.segment(i)) if self.controls is not None else None
         return generate_window(
             self.nets,
@@ -456,6 +464,7 @@ class MotionStreamer:
         audio_cfg: AudioConfig | None = None,
         pad_row: torch.Tensor | None = None,
         controls: ControlTrack | None = None,
+        noise_scale: float = 1.0,
     ) -> None:
         self.plan = plan
         self.ref_alpha = ref_alpha
@@ -464,7 +473,7 @@ class MotionStreamer:
             pad_row = silence_feature_row(LogMelFrontend(self.audio_cfg))
         self.pad_row = pad_row
         self.runner = _WindowRunner(
-            nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls
+            nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls, noise_scale
         )
         self.reset()
 

@@ -233,7 +233,7 @@ def test_streaming_equals_offline_bit_exact(chunking):
     audio = _audio(16000 + 1234)  # 1.08 s: 27 frames, the last one partial -> 9 windows
     track = ControlTrack()
     track.set(7, Controls(pose_deg=(20.0, -5.0, 0.0)))
-    common = dict(seed=11, steps=4, schedule=SCHED)
+    common = dict(seed=11, steps=4, schedule=SCHED, noise_scale=0.7)
 
     feats, n_frames = offline_features(fe, audio, plan)
     assert n_frames == 27
@@ -278,6 +278,23 @@ def test_lookahead_is_bounded():
     w = plan.window_frames
     assert torch.equal(outs[0][: 3 * w], outs[1][: 3 * w])  # windows 0..2 never saw it
     assert not torch.equal(outs[0][3 * w :], outs[1][3 * w :])
+
+
+def test_noise_scale_is_a_temperature():
+    """noise_scale 1 is the plain sampler; 0 gives every seed the same motion; in between the
+    spread across seeds shrinks."""
+    nets, plan, ref_alpha, ref_h = _tiny()
+    fe = LogMelFrontend()
+    feats, n = offline_features(fe, _audio(16000), plan)
+    kw = dict(steps=3, schedule=SCHED, pad_row=silence_feature_row(fe))
+
+    def run(seed: int, **extra) -> torch.Tensor:
+        return generate_offline(nets, plan, feats, ref_alpha, ref_h, n, seed=seed, **kw, **extra)
+
+    assert torch.equal(run(0, noise_scale=1.0), run(0))
+    assert torch.equal(run(0, noise_scale=0.0), run(1, noise_scale=0.0))
+    spread = [(run(0, noise_scale=s) - run(1, noise_scale=s)).abs().mean() for s in (1.0, 0.3)]
+    assert spread[1] < spread[0]
 
 
 def test_controls_change_the_window_and_seed_matters():

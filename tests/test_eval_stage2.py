@@ -44,6 +44,7 @@ def test_evaluate_reports_all_metrics() -> None:
     ):
         assert k in res
     assert math.isfinite(res["pose_control_err_deg"]) and res["diversity"] >= 0
+    assert res["pose_jitter_deg"] >= 0 and res["pose_jitter_deg_world"] >= 0
     assert res["long_drift"]["finite"] is True
     assert res["reenact_lipsync_r_true_alpha"] is None  # only for world_alpha stage 2
     res = evaluate(

@@ -107,33 +107,44 @@ def test_world_motion_alpha_is_the_standardised_motion() -> None:
         world_motion_alpha(motion, enc[:4])
 
 
-def test_sampler_takes_free_components_from_the_reference_frame() -> None:
-    """With world_alpha (rest_from = 14), every window frame's components 14.. are the
-    reference frame's (as the stage-1 renderer is trained); without it, each frame's own."""
+def _ramp_clip(t: int = 40):
+    """A clip whose every frame is recognisable: alpha row n = n + (0 .. 0.19), h row n = n,
+    feature rows (4 per frame) = their frame + 1, controls row n = n."""
     import numpy as np
 
     from engine.audio import LogMelFrontend
     from engine.config import load_config
     from engine.models.stage2 import Stage2Nets
     from engine.windowing import WindowPlan
-    from training.stage2_data import Stage2Clip, WindowSampler
+    from training.stage2_data import Stage2Clip
 
     cfg = load_config("tiny")
-    plan = WindowPlan.from_config(
-        cfg.stage2, LogMelFrontend(cfg.stage2.audio).frames_per_video_frame
-    )
-    t = 40
+    front = LogMelFrontend(cfg.stage2.audio)
+    plan = WindowPlan.from_config(cfg.stage2, front.frames_per_video_frame)
     alpha = torch.arange(t, dtype=torch.float32)[:, None] + torch.arange(20)[None] / 100
+    rows = torch.arange(t * 4 + 50) // 4 + 1.0
     clip = Stage2Clip(
         audio=np.zeros(16000 * 2, np.float32),
-        feats=torch.zeros(t * 4 + 50, cfg.stage2.audio.n_mels),
+        feats=rows[:, None].expand(-1, cfg.stage2.audio.n_mels).contiguous(),
         alpha=alpha,
         h=torch.arange(t, dtype=torch.float32)[:, None].expand(t, cfg.stage1.latent_dim),
-        controls=torch.ones(t, 5),
+        controls=torch.arange(t, dtype=torch.float32)[:, None].expand(t, 5).contiguous(),
         identity=0,
     )
     norm = Stage2Nets.from_config(cfg).normalizer
     norm.fit(alpha, mode="minmax")
+    return cfg, plan, clip, norm
+
+
+def test_sampler_takes_free_components_from_the_reference_frame() -> None:
+    """With world_alpha (rest_from = 14), every window frame's components 14.. are the
+    reference frame's (as the stage-1 renderer is trained); without it, each frame's own."""
+    import numpy as np
+
+    from training.stage2_data import WindowSampler
+
+    cfg, plan, clip, norm = _ramp_clip()
+    alpha = clip.alpha
     for rest_from in (None, 14):
         sampler = WindowSampler([clip], plan, cfg, norm, rest_from=rest_from)
         b = sampler.sample(np.random.default_rng(1), 6)
@@ -147,6 +158,37 @@ def test_sampler_takes_free_components_from_the_reference_frame() -> None:
         torch.testing.assert_close(x0[..., 14:], want)
         if rest_from:
             assert not torch.equal(alpha[frames][..., 14:], want)  # the test can tell them apart
+
+
+def test_start_windows_look_like_a_stream_start() -> None:
+    """start_windows = 1: every window is a stream's first at its own target frame s -- prefix
+    all the reference alpha, silence features and the frame-s controls before s, the clip from s
+    on. start_windows = 0: the prefix is the clip's own frames wherever s >= K."""
+    import numpy as np
+
+    from training.stage2_data import WindowSampler
+
+    cfg, plan, clip, norm = _ramp_clip()
+    k, w, c = plan.prefix_frames, plan.window_frames, plan.context_frames
+    f = plan.feature_frames_per_video_frame
+    sampler = WindowSampler([clip], plan, cfg, norm)
+    pad = torch.as_tensor(sampler.pad_row).float()
+    b = sampler.sample(np.random.default_rng(3), 32, start_windows=1.0)
+    x0 = norm.denormalize(b.x0)
+    ref = norm.denormalize(b.ref_alpha)
+    for i in range(32):
+        s = int(x0[i, k, 0].round())  # the first target frame
+        torch.testing.assert_close(x0[i, :k], ref[i].expand(k, -1))
+        torch.testing.assert_close(x0[i, k:, 0], torch.arange(s, s + w).float())
+        torch.testing.assert_close(b.feats[i, : c * f], pad.expand(c * f, -1))
+        assert b.feats[i, c * f, 0] == s + 1  # the clip's own audio from frame s on
+        assert (b.controls[i, : c + 1, 0] == s).all()
+    b = sampler.sample(np.random.default_rng(3), 32, start_windows=0.0)
+    x0 = norm.denormalize(b.x0)
+    s = x0[:, k, 0].round()
+    late = s >= k
+    assert late.sum() > 10
+    torch.testing.assert_close(x0[late, 0, 0], s[late] - k)  # the prefix: the clip's frames
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path, stage1_file: Path) -> None:

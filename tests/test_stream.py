@@ -80,6 +80,7 @@ def offline_reference(engine: Engine, avatar, x: np.ndarray, seed: int):
         steps=engine.cfg.stage2.sample_steps,
         schedule=engine.schedule,
         pad_row=engine.pad_row,
+        noise_scale=engine.cfg.stage2.noise_scale,
     )
     model = engine.stage1.model
     with torch.no_grad():
@@ -368,8 +369,15 @@ def test_big_push_renders_only_what_survives(engine, avatar):
 
 def test_runtime_config_only_lets_runtime_keys_change(engine):
     cfg = engine.cfg
-    out = runtime_config(cfg, cfg, ["stage2.sample_steps=2", "stream.output_queue_frames=9"])
+    out = runtime_config(
+        cfg,
+        cfg,
+        ["stage2.sample_steps=2", "stage2.noise_scale=0.3", "stream.output_queue_frames=9"],
+    )
     assert out.stage2.sample_steps == 2 and out.stream.output_queue_frames == 9
+    assert out.stage2.noise_scale == 0.3
+    with pytest.raises(UserError, match="noise_scale"):
+        Engine(engine.stage1, engine.stage2, runtime_config(cfg, cfg, ["stage2.noise_scale=-1"]))
     with pytest.raises(UserError, match="fixed by the weights"):
         runtime_config(cfg, cfg, ["stage2.denoiser.d_model=64"])
     other = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, window_frames=5))

@@ -15,6 +15,9 @@ every generated frame. Its own held-out accuracy is printed with the results (``
 - ``diversity``: mean over time and α dimensions of the standard deviation of α across seeds
   for the same audio (normalised α units), with ``diversity_lipsync_r`` the mean lip-sync r of
   those seeds (diversity only counts while lip-sync holds).
+- ``pose_jitter_deg``: mean absolute change of the probe's yaw/pitch/roll from one generated
+  frame to the next (seed 0, no controls), and ``pose_jitter_deg_world`` the same on the
+  world's own frames of those clips: how steady the head is against how steady it should be.
 - ``long_drift``: a 10-minute generation (α only) of looped held-out speech: per-dimension mean
   and standard deviation of α in the first and the last minute, summarised as the mean
   absolute change of the mean and the mean ratio of the standard deviations (1 = stable).
@@ -70,6 +73,7 @@ class Generator:
             cfg.stage2.timesteps, cfg.stage2.beta_start, cfg.stage2.beta_end
         )
         self.steps = steps or cfg.stage2.sample_steps
+        self.noise_scale = cfg.stage2.noise_scale
 
     @torch.no_grad()
     def avatar(self, portrait: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -102,6 +106,7 @@ class Generator:
             schedule=self.schedule,
             pad_row=self.pad_row,
             controls=track,
+            noise_scale=self.noise_scale,
         )
 
     @torch.no_grad()
@@ -171,6 +176,7 @@ def evaluate(
     size = s1.cfg.image_size
     ids = heldout_ids(cfg.world)
     mouth_gen, mouth_gt, r_clips, lags, pose_err, div, div_r = [], [], [], [], [], [], []
+    jitter, jitter_world = [], []
     long_audio, reenact_gen, alpha_true, alpha_gen, reenact_true = [], [], [], [], []
     for k in range(clips):
         ident = int(ids[k % len(ids)])
@@ -185,6 +191,8 @@ def evaluate(
         assert clip.frames is not None
         a_true = encode_frames(s1, clip.frames)[1]
         reenact_gen.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
+        world_pose = probe_read(probe, to_tensor(clip.frames))[:, 1:4] * 90.0
+        jitter_world.append(float(np.abs(np.diff(world_pose, axis=0)).mean()))
         if world_alpha:
             # the world's motion, the free components the portrait's own (as the renderer and
             # stage 2 are trained; each frame's reading there would carry that frame's face)
@@ -200,6 +208,8 @@ def evaluate(
             r = _pearson(m, gt)
             div_r.append(r)
             if seed == 0:
+                pose = read[: len(gt), 1:4] * 90.0
+                jitter.append(float(np.abs(np.diff(pose, axis=0)).mean()))
                 alpha_gen.append(a[: len(gt)].double().numpy())
                 mouth_gen.append(m)
                 mouth_gt.append(gt)
@@ -224,6 +234,8 @@ def evaluate(
         "lipsync_r_per_clip": [round(r, 4) for r in r_clips],
         "av_offset_ms": float(np.median(lags) * 40.0),
         "pose_control_err_deg": float(np.mean(pose_err)),
+        "pose_jitter_deg": float(np.mean(jitter)),
+        "pose_jitter_deg_world": float(np.mean(jitter_world)),
         "diversity": float(np.mean(div)),
         "diversity_lipsync_r": float(np.nanmean(div_r)) if np.isfinite(div_r).any() else None,
     }
@@ -265,6 +277,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds for the diversity measure")
     p.add_argument("--drift-minutes", type=float, default=10.0, help="0 skips long_drift")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: config)")
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=None,
+        help="sampling temperature, stage2.noise_scale (default: the weights' config)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -278,6 +296,10 @@ def run(args: argparse.Namespace) -> int:
     # the same check as the engine: stage 2 needs stage 1's motion space (renderer-only
     # changes such as stage1.inject keep it; stage 2 sees only the encoder's h and alpha)
     s2, cfg, meta = load_stage2(args.checkpoint, stage1=cfg1.stage1)
+    if args.noise_scale is not None:
+        if not 0.0 <= args.noise_scale <= 2.0:
+            raise UserError("--noise-scale must be in [0, 2]")
+        cfg.stage2.noise_scale = args.noise_scale
     probe, acc = load_probe(Path(args.probe))
     res = evaluate(
         s1,
@@ -291,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         args.steps,
         world_alpha=bool(meta.get("world_alpha")),
     )
+    res["noise_scale"] = cfg.stage2.noise_scale
     res["probe"] = acc
     res["checkpoint"] = args.checkpoint or "bundled"
     res["meta"] = meta

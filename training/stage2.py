@@ -200,7 +200,9 @@ class Stage2Trainer:
     def train_step(self) -> dict[str, float]:
         step = self.step + 1
         rng, g = step_rngs(self.cfg.train.seed, step, self.dist.rank)
-        b = self._to(self.sampler.sample(rng, self.t.batch_size))
+        b = self._to(
+            self.sampler.sample(rng, self.t.batch_size, start_windows=self.t.start_windows)
+        )
         bsz = b.x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (bsz,), generator=g).to(b.x0.device)
         noise = torch.randn(b.x0.shape, generator=g).to(b.x0.device)

@@ -179,7 +179,13 @@ class WindowSampler:
         self.rest_from = rest_from
         self.pad_row = silence_feature_row(LogMelFrontend(cfg.stage2.audio))
 
-    def sample(self, rng: np.random.Generator, batch: int, p_given: float = 0.5) -> Stage2Batch:
+    def sample(
+        self,
+        rng: np.random.Generator,
+        batch: int,
+        p_given: float = 0.5,
+        start_windows: float = 0.0,
+    ) -> Stage2Batch:
         p = self.plan
         k, w, c, la = p.prefix_frames, p.window_frames, p.context_frames, p.lookahead_frames
         f = p.feature_frames_per_video_frame
@@ -192,14 +198,19 @@ class WindowSampler:
             # start anywhere, including the first windows (prefix partly the reference)
             s = int(rng.integers(0, t - w + 1))
             r = int(rng.integers(t))  # the reference frame plays the portrait
+            # a stream start at frame s (probability start_windows): silence before it and a
+            # prefix that is all reference, as the first window of every stream sees them --
+            # the target's pose then differs from the prefix's and only a given control says
+            # where it is (otherwise the prefix carries it and the controls are never needed)
+            start = s if rng.random() < start_windows else 0
             lo, hi = (s - c) * f, (s + w + la) * f
-            seg = clip.feats[max(lo, 0) : hi]
-            if lo < 0:
-                seg = torch.cat([self.pad_row.expand(-lo, -1), seg])
+            seg = clip.feats[max(lo, start * f) : hi]
+            if lo < start * f:
+                seg = torch.cat([self.pad_row.expand(start * f - lo, -1), seg])
             if seg.shape[0] < hi - lo:  # past the padded end: silence
                 seg = torch.cat([seg, self.pad_row.expand(hi - lo - seg.shape[0], -1)])
             feats.append(seg)
-            idx = torch.arange(s - c, s + w + la).clamp(0, t - 1)
+            idx = torch.arange(s - c, s + w + la).clamp(start, t - 1)
             gt = clip.controls[idx].clone()
             gt[:, 1] = gt[:, 1] / clip.controls[r, 1].clamp_min(1e-6)  # scale rel. to the ref
             gts.append(gt)
@@ -207,8 +218,8 @@ class WindowSampler:
             given = torch.from_numpy((rng.random(3) < p_given).astype(np.float32))
             masks.append(given.expand(len(idx), 3))
             ai = torch.arange(s - k, s + w)
-            a = clip.alpha[ai.clamp(0, t - 1)].clone()
-            a[ai < 0] = clip.alpha[r]  # before the stream start, the prefix is the reference α
+            a = clip.alpha[ai.clamp(start, t - 1)].clone()
+            a[ai < start] = clip.alpha[r]  # before the stream start, the prefix is the reference
             if self.rest_from is not None:
                 a[:, self.rest_from :] = clip.alpha[r, self.rest_from :]
             x0s.append(self.norm.normalize(a))
