@@ -245,6 +245,12 @@ class TrainStage1Config:
     # gaze). Independent pairs move the whole head, and a misplaced head's error drowns the
     # mouth's in the loss (seen: the mouth not drawn after ~29k such samples). 0 = off.
     expression_pairs: float = 0.0
+    # synthetic-world option: this fraction of pairs places the head as talking clips do (the
+    # neck pivot at rest, shared by source and target, and the nose where the pose puts it), so
+    # a strong turn comes with its nose far off centre; random poses place the nose
+    # independently of the turn and the renderer drew such a shift as a turn the other way.
+    # 0 = off.
+    placed_heads: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

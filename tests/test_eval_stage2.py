@@ -84,3 +84,21 @@ def test_probe_shapes_and_units() -> None:
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = Probe()(x)
     assert y.shape == (3, 4)
+
+
+def test_probe_frames_placed_like_clips_move_the_nose_with_the_turn() -> None:
+    """The probe's training frames include heads placed as talking clips place them (neck pivot
+    at rest, nose where the turn puts it), where random_motion draws the nose independently."""
+    from training.world import place_like_a_clip
+
+    cfg = load_config("tiny")
+    rng = np.random.default_rng(0)
+    ident = get_identity(cfg.world, int(heldout_ids(cfg.world)[0]))
+    rows = random_motion(rng, 300)
+    free = np.corrcoef(rows["yaw"], rows["loc_x"])[0, 1]
+    for i in range(len(rows)):
+        m = rows[i : i + 1].copy()
+        place_like_a_clip(ident, m, rng)
+        rows[i] = m[0]
+    placed = np.corrcoef(rows["yaw"], rows["loc_x"])[0, 1]
+    assert abs(free) < 0.2 and placed > 0.7

@@ -521,3 +521,26 @@ def test_old_checkpoints_keep_the_teacher_forcing_they_trained_with(tmp_path: Pa
     torch.save(state, tmp_path / "old.pt")
     _, old = load_checkpoint(tmp_path / "old.pt")
     assert old.train.stage1.teacher_rest == "target"
+
+
+def test_placed_heads_move_the_nose_with_the_turn() -> None:
+    """placed_heads = 1: source and target heads are placed as in a talking clip (one neck
+    pivot, the nose where the turn puts it), so the nose's x follows the yaw and a target that
+    turns further than its source has its nose further right; 0: the nose is drawn
+    independently of the turn."""
+    import numpy as np
+
+    from training.stage1_data import AUX_FIELDS, SyntheticPairs
+
+    cfg = load_config("tiny")
+    yaw, x = AUX_FIELDS.index("yaw"), AUX_FIELDS.index("loc_x")
+    rng, g = np.random.default_rng(4), torch.Generator().manual_seed(0)
+    corr = {}
+    for placed in (0.0, 1.0):
+        data = SyntheticPairs(cfg.world, 32, near_pairs=0.0, negatives=False, placed_heads=placed)
+        b = data.sample(rng, g, 48)
+        assert b.gt_source is not None and b.gt_target is not None
+        d_yaw = (b.gt_target[:, yaw] - b.gt_source[:, yaw]).numpy()
+        d_x = (b.gt_target[:, x] - b.gt_source[:, x]).numpy()
+        corr[placed] = float(np.corrcoef(d_yaw, d_x)[0, 1])
+    assert abs(corr[0.0]) < 0.4 and corr[1.0] > 0.9

@@ -56,19 +56,37 @@ class Probe(nn.Module):
         return self.head(y.flatten(1)) / self.scale
 
 
-def _batch(world: WorldConfig, ids: np.ndarray, rng: np.random.Generator, n: int, size: int):
-    from training.world import get_identity, random_motion, render_frames
+def _batch(
+    world: WorldConfig,
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    n: int,
+    size: int,
+    placed: float = 0.0,
+):
+    """n frames of random identities in random poses; a share ``placed`` of them with the head
+    placed as in a talking clip (``training.world.place_like_a_clip``)."""
+    from training.world import get_identity, place_like_a_clip, random_motion, render_frames
 
     imgs, ys = [], []
     for _ in range(n):
         ident = get_identity(world, int(rng.choice(ids)))
         m = random_motion(rng, 1)
+        if rng.random() < placed:
+            place_like_a_clip(ident, m, rng)
         imgs.append(render_frames(ident, m, size)[0])
         ys.append([float(m[f][0]) for f in PROBE_FIELDS])
     return to_tensor(np.stack(imgs)), torch.tensor(ys, dtype=torch.float32)
 
 
-def train_probe(world: WorldConfig, steps: int, batch: int = 32, seed: int = 0, log=print):
+def train_probe(
+    world: WorldConfig,
+    steps: int,
+    batch: int = 32,
+    seed: int = 0,
+    log=print,
+    placed: float = 0.5,
+):
     from training.world import train_ids
 
     torch.manual_seed(seed)
@@ -79,7 +97,7 @@ def train_probe(world: WorldConfig, steps: int, batch: int = 32, seed: int = 0, 
     ids = train_ids(world)
     for step in range(1, steps + 1):
         # render at 256 like the generator's output, the probe downsamples to 128 itself
-        x, y = _batch(world, ids, rng, batch, 256)
+        x, y = _batch(world, ids, rng, batch, 256, placed)
         loss = F.smooth_l1_loss(probe(x) * probe.scale, y * probe.scale, beta=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,22 +110,26 @@ def train_probe(world: WorldConfig, steps: int, batch: int = 32, seed: int = 0, 
 
 @torch.no_grad()
 def evaluate_probe(probe: Probe, world: WorldConfig, n: int = 256, seed: int = 99) -> dict:
-    """Accuracy on held-out identities: MAE per field (pose in degrees) and mouth correlation."""
+    """Accuracy on held-out identities: MAE per field (pose in degrees) and mouth correlation,
+    on random poses and (``*_placed``) on heads placed as in talking clips."""
     from training.world import heldout_ids
 
-    rng = np.random.default_rng(seed)
-    x, y = _batch(world, heldout_ids(world), rng, n, 256)
-    p = torch.cat([probe(x[i : i + 64]) for i in range(0, n, 64)])
-    err = (p - y).abs().mean(0)
-    r = float(np.corrcoef(p[:, 0].numpy(), y[:, 0].numpy())[0, 1])
-    return {
-        "mouth_open_mae": float(err[0]),
-        "mouth_open_r": r,
-        "yaw_mae_deg": float(err[1] * 90),
-        "pitch_mae_deg": float(err[2] * 90),
-        "roll_mae_deg": float(err[3] * 90),
-        "samples": n,
-    }
+    out: dict = {}
+    for placed, suffix in ((0.0, ""), (1.0, "_placed")):
+        rng = np.random.default_rng(seed)
+        x, y = _batch(world, heldout_ids(world), rng, n, 256, placed)
+        p = torch.cat([probe(x[i : i + 64]) for i in range(0, n, 64)])
+        err = (p - y).abs().mean(0)
+        r = float(np.corrcoef(p[:, 0].numpy(), y[:, 0].numpy())[0, 1])
+        out |= {
+            f"mouth_open_mae{suffix}": float(err[0]),
+            f"mouth_open_r{suffix}": r,
+            f"yaw_mae_deg{suffix}": float(err[1] * 90),
+            f"pitch_mae_deg{suffix}": float(err[2] * 90),
+            f"roll_mae_deg{suffix}": float(err[3] * 90),
+        }
+    out["samples"] = n
+    return out
 
 
 def save_probe(probe: Probe, path: Path, accuracy: dict) -> None:
@@ -138,16 +160,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="weights/probe.safetensors", help="output safetensors")
     p.add_argument("--steps", type=int, default=3000, help="training steps")
     p.add_argument("--batch", type=int, default=32, help="frames per step")
+    p.add_argument(
+        "--placed",
+        type=float,
+        default=0.5,
+        help="share of frames with the head placed as in talking clips (the rest: random poses)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.steps < 1 or a.batch < 2:
-        raise UserError("--steps must be >= 1 and --batch >= 2")
+    if a.steps < 1 or a.batch < 2 or not 0.0 <= a.placed <= 1.0:
+        raise UserError("--steps must be >= 1, --batch >= 2 and --placed in [0, 1]")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.config)
-    probe = train_probe(cfg.world, a.steps, a.batch)
+    probe = train_probe(cfg.world, a.steps, a.batch, placed=a.placed)
     acc = evaluate_probe(probe, cfg.world)
     save_probe(probe, Path(a.out), acc)
     print(json.dumps(acc))

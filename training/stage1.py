@@ -182,6 +182,7 @@ class Stage1Trainer:
                 t.closed_source,
                 negatives=t.negatives and not t.renderer_only,  # else they go unused
                 expression_pairs=t.expression_pairs,
+                placed_heads=t.placed_heads,
             )
         else:
             self.data = RealPairs(Path(opts.data), size)

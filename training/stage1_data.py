@@ -161,14 +161,18 @@ class SyntheticPairs:
         closed_source: float = 0.0,
         negatives: bool = True,
         expression_pairs: float = 0.0,
+        placed_heads: float = 0.0,
     ):
         """negatives: render the explicit negative frame (another identity) of each item;
-        False leaves ``Stage1Batch.negative`` None and saves a third of the rendering."""
+        False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
+        placed_heads: share of pairs whose head is placed as in a talking clip
+        (``training.world.place_like_a_clip``; one neck pivot for source and target)."""
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
         self.closed_source = closed_source
         self.expression_pairs = expression_pairs
+        self.placed_heads = placed_heads
         self.negatives = negatives
         self.world = world
         self.size = image_size
@@ -203,6 +207,9 @@ class SyntheticPairs:
                 m_tgt = motion.perturb_motion(rng, m_src, amount)
             else:
                 m_tgt = motion.random_motion(rng, 1)
+            if self.placed_heads > 0 and rng.random() < self.placed_heads:
+                pivot = motion.place_like_a_clip(ident, m_src, rng)
+                motion.place_like_a_clip(ident, m_tgt, rng, pivot)
             pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
             src.append(pair[0])
             tgt.append(pair[1])

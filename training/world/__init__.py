@@ -33,6 +33,7 @@ from training.world.motion import (
     mouth_track,
     neutral_motion,
     perturb_motion,
+    place_like_a_clip,
     random_motion,
     random_motion_row,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "mouth_track",
     "neutral_motion",
     "perturb_motion",
+    "place_like_a_clip",
     "random_motion",
     "random_motion_row",
     "render_frame",

@@ -167,6 +167,33 @@ def perturb_motion(rng: np.random.Generator, motion: np.ndarray, amount: float) 
     return out
 
 
+def place_like_a_clip(
+    identity: Identity,
+    motion: np.ndarray,
+    rng: np.random.Generator,
+    pivot: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """Put the head where a talking clip would (``clip_motion``), in place: the neck pivot at a
+    resting spot, the nose (loc_x, loc_y) where the pose then puts it. In clips the nose moves
+    with the turn (~0.012 image widths per degree of yaw), so strong turns come with the nose
+    far off centre; ``random_motion`` draws the nose independently of the pose and rarely goes
+    there. motion: (T,) MOTION_DTYPE; pivot: reuse a pivot (another frame of the same "clip");
+    returns the pivot used."""
+    if pivot is None:
+        rest = neutral_motion(1)
+        rest["scale"] = motion["scale"][:1]
+        nx, ny = nose_from_pivot(identity, rest, np.zeros(1), np.zeros(1))
+        pivot = (
+            float(rng.normal(0, 0.06) - nx[0] + rng.normal(0, 0.03)),
+            float(0.12 + rng.normal(0, 0.04) - ny[0] + rng.normal(0, 0.02)),
+        )
+    n = len(motion)
+    motion["loc_x"], motion["loc_y"] = nose_from_pivot(
+        identity, motion, np.full(n, pivot[0]), np.full(n, pivot[1])
+    )
+    return pivot
+
+
 def random_motion_row(rng: np.random.Generator) -> np.void:
     """One plausible pose/expression, independent of time (see ``random_motion``)."""
     return random_motion(rng, 1)[0]
