@@ -427,9 +427,9 @@ class _WindowRunner:
         plan = self.plan
         seg = segment_features(feats, first_index, plan, i, self.pad_row)
         prefix = prefix_alpha(history, self.ref_alpha.to(history.device), plan.prefix_frames)
+        # × 1.0 is exact: the plain sampler's noise is unchanged
         noise = window_noise(self.seed, i, plan.denoise_frames, self.ref_alpha.shape[-1])
-        if self.noise_scale != 1.0:
-            noise = noise * self.noise_scale
+        noise = noise * self.noise_scale
         ctrl = self.controls.segment(*plan.segment(i)) if self.controls is not None else None
         return generate_window(
             self.nets,

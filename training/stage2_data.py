@@ -11,7 +11,9 @@ frozen stage-1 encoder over every frame, and caches per clip:
 (``engine.windowing``): window start s, segment [s - C, s + W + L) of audio features, the
 denoiser's K + W frames [s - K, s + W) with the first K known (reference α where s - K < 0),
 a reference frame (the "portrait") anywhere in the clip, and controls in the adapter's units
-(scale relative to the reference frame).
+(scale relative to the reference frame). A share ``start_windows`` of the windows are a
+stream's first at their own frame s (silence before s, a prefix all reference α), so that the
+controls, not only the prefix, say where the head is.
 """
 
 from __future__ import annotations

@@ -167,6 +167,27 @@ def perturb_motion(rng: np.random.Generator, motion: np.ndarray, amount: float) 
     return out
 
 
+def resting_pivot(
+    identity: Identity,
+    scale: float,
+    rng: np.random.Generator,
+    jitter: tuple[float, float] = (0.0, 0.0),
+) -> tuple[float, float]:
+    """Where a clip's neck pivot rests: where a frontal head of this ``scale`` puts its nose at a
+    random resting spot (x ~ N(0, 0.06), y ~ 0.12 + N(0, 0.04)), plus optional Gaussian
+    ``jitter`` (standard deviations in x, y)."""
+    rest = neutral_motion(1)
+    rest["scale"] = scale
+    nx, ny = nose_from_pivot(identity, rest, np.zeros(1), np.zeros(1))
+    x = rng.normal(0, 0.06) - nx[0]
+    if jitter[0] > 0:
+        x = x + rng.normal(0, jitter[0])
+    y = 0.12 + rng.normal(0, 0.04) - ny[0]
+    if jitter[1] > 0:
+        y = y + rng.normal(0, jitter[1])
+    return float(x), float(y)
+
+
 def place_like_a_clip(
     identity: Identity,
     motion: np.ndarray,
@@ -174,19 +195,14 @@ def place_like_a_clip(
     pivot: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """Put the head where a talking clip would (``clip_motion``), in place: the neck pivot at a
-    resting spot, the nose (loc_x, loc_y) where the pose then puts it. In clips the nose moves
-    with the turn (~0.012 image widths per degree of yaw), so strong turns come with the nose
-    far off centre; ``random_motion`` draws the nose independently of the pose and rarely goes
-    there. motion: (T,) MOTION_DTYPE; pivot: reuse a pivot (another frame of the same "clip");
+    resting spot (``resting_pivot``, with a little jitter in place of a clip's walk), the nose
+    (loc_x, loc_y) where the pose then puts it. In clips the nose moves with the turn (~0.012
+    image widths per degree of yaw), so strong turns come with the nose far off centre;
+    ``random_motion`` draws the nose independently of the pose and rarely goes there.
+    motion: (T,) MOTION_DTYPE; pivot: reuse a pivot (another frame of the same "clip");
     returns the pivot used."""
     if pivot is None:
-        rest = neutral_motion(1)
-        rest["scale"] = motion["scale"][:1]
-        nx, ny = nose_from_pivot(identity, rest, np.zeros(1), np.zeros(1))
-        pivot = (
-            float(rng.normal(0, 0.06) - nx[0] + rng.normal(0, 0.03)),
-            float(0.12 + rng.normal(0, 0.04) - ny[0] + rng.normal(0, 0.02)),
-        )
+        pivot = resting_pivot(identity, float(motion["scale"][0]), rng, jitter=(0.03, 0.02))
     n = len(motion)
     motion["loc_x"], motion["loc_y"] = nose_from_pivot(
         identity, motion, np.full(n, pivot[0]), np.full(n, pivot[1])
@@ -358,12 +374,9 @@ def clip_motion(
     scale0 = rng.uniform(0.3, 0.41)
     scale = scale0 * np.exp(_smooth_walk(rng, t, 0.03, 3.0 * fps))
     m["scale"] = np.clip(scale, *SCALE_RANGE)
-    rest = neutral_motion(1)
-    rest["scale"] = scale0
-    nose0 = (rng.normal(0, 0.06), 0.12 + rng.normal(0, 0.04))
-    nx, ny = nose_from_pivot(identity, rest, np.zeros(1), np.zeros(1))
-    pivot_x = nose0[0] - nx[0] + _smooth_walk(rng, t, 0.03, 2.0 * fps, gain)
-    pivot_y = nose0[1] - ny[0] + _smooth_walk(rng, t, 0.02, 2.0 * fps, gain)
+    rest_x, rest_y = resting_pivot(identity, scale0, rng)
+    pivot_x = rest_x + _smooth_walk(rng, t, 0.03, 2.0 * fps, gain)
+    pivot_y = rest_y + _smooth_walk(rng, t, 0.02, 2.0 * fps, gain)
     m["loc_x"], m["loc_y"] = nose_from_pivot(identity, m, pivot_x, pivot_y)
 
     # Blinks every 2-6 s, ~160 ms each; a resting lid level per clip.
