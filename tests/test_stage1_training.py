@@ -293,6 +293,8 @@ def test_exported_weights_evaluate(tmp_path: Path) -> None:
     for k in ("alpha_pose_r", "alpha_mouth_r"):
         assert res[k] is None or -1 <= res[k] <= 1, k
     assert 0 < res["self_psnr"] < 100 and -1 <= res["self_ssim"] <= 1
+    assert isinstance(res["drawn_pose_err_deg"], float) and res["drawn_pose_err_deg"] >= 0
+    assert res["drawn_mouth_r"] is None or -1 <= res["drawn_mouth_r"] <= 1
 
     from PIL import Image
 
@@ -301,6 +303,57 @@ def test_exported_weights_evaluate(tmp_path: Path) -> None:
     model, cfg, _ = load_stage1(str(tmp_path / "stage1.safetensors"))
     png = side_by_side(model, cfg, tmp_path / "grid.png", rows=2)
     assert Image.open(png).size == (4 * 64, 2 * 64)
+
+
+class _WorldAsRenderer(torch.nn.Module):
+    """A stand-in stage-1 model for ``eval_drawn``: ``render`` draws the world's own frames of
+    the motion in alpha's first 14 components (a perfect renderer) or, with ``frozen``, the
+    portrait for every frame (a renderer that moves nothing). ``encode`` takes the identities
+    in the order the eval visits them."""
+
+    def __init__(self, cfg, ids, frozen: bool) -> None:
+        super().__init__()
+        self.cfg, self.ids, self.frozen = cfg, list(ids), frozen
+
+    def encode(self, img: torch.Tensor):
+        self.ident, self.portrait = self.ids.pop(0), img
+        return torch.zeros(1, 4), []
+
+    def motion(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(h), 20)
+
+    def render(self, h, feats, alpha: torch.Tensor) -> torch.Tensor:
+        from engine.tensors import to_tensor
+        from training.stage1_data import aux_stats
+        from training.world import get_identity, render_frames
+        from training.world.motion import from_array
+
+        if self.frozen:
+            return self.portrait.expand(len(alpha), -1, -1, -1)
+        mean, std = aux_stats()
+        motion = from_array(alpha[:, :14].double().numpy() * std + mean)
+        ident = get_identity(self.cfg.world, self.ident)
+        return to_tensor(render_frames(ident, motion, self.cfg.stage1.image_size))
+
+
+def test_drawn_motion_metrics_tell_a_perfect_renderer_from_a_frozen_one() -> None:
+    """``eval_drawn``: a renderer that draws exactly the world's frames scores pose error 0,
+    mouth r 1 and gain 1 against the probe's reading of those frames; one that repeats the
+    portrait draws none of the mouth (gain 0) and misses the pose by degrees."""
+    from training.eval_stage1 import eval_drawn
+    from training.probe import PROBE_PATH, load_probe
+    from training.world import heldout_ids
+
+    cfg = load_config("tiny", [*SMALL, "stage1.image_size=128"])
+    probe, _ = load_probe(PROBE_PATH)
+    ids = [int(i) for i in heldout_ids(cfg.world)[:2]]
+    perfect = eval_drawn(_WorldAsRenderer(cfg, ids, False), cfg, probe, 2, 12, seed=3)
+    assert perfect["drawn_pose_err_deg"] == pytest.approx(0.0, abs=1e-4)
+    assert perfect["drawn_mouth_r"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["drawn_mouth_gain"] == pytest.approx(1.0, abs=1e-4)
+    frozen = eval_drawn(_WorldAsRenderer(cfg, ids, True), cfg, probe, 2, 12, seed=3)
+    assert frozen["drawn_pose_err_deg"] > 2.0
+    assert frozen["drawn_mouth_gain"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:

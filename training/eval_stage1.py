@@ -31,6 +31,19 @@ Metrics (all on held-out identities, which training never sees):
   of the identities and tested on the other half (then the halves swap); the correlation of
   read-out and truth on the test halves, averaged over yaw/pitch/roll and for mouth opening. What
   stage 1 cannot read off a frame, no stage-2 model can make it render.
+- ``drawn_pose_err_deg``, ``drawn_mouth_r``, ``drawn_mouth_gain`` (only for weights trained
+  with ``aux_motion_direct``, and only when the probe of ``livehead eval stage2`` is there, else
+  null): what the renderer draws when it is given exactly the right motion, as the judge of the
+  stage-2 eval reads it. Each held-out identity's neutral portrait is rendered with alpha's
+  first 14 components set to the true motion of ``frames`` random poses and expressions, the
+  heads placed as talking clips place them (the nose moves with the turn: what stage 2 learns
+  from clips), the free components the portrait's own reading. The probe reads head pose and
+  mouth opening off each rendered frame and off the world's own frame of the same motion:
+  ``drawn_pose_err_deg`` is the mean absolute difference in yaw/pitch/roll, ``drawn_mouth_r``
+  the correlation of the two mouth readings and ``drawn_mouth_gain`` the least-squares slope
+  of the rendered reading on the world's (1 = the whole opening drawn, 0 = none), both within
+  each face (each identity's mean reading taken out: the probe reads faces with offsets). Stage 2
+  cannot do better in video than this: its pose error and lip sync are bounded by these.
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
   ../shared/data/real/video (null when that folder is absent).
 """
@@ -52,6 +65,7 @@ from engine.models.stage1 import Stage1Model
 from engine.reenact import reenact_frames
 from engine.tensors import to_tensor
 from training.losses import psnr, ssim
+from training.probe import PROBE_PATH, load_probe
 
 REAL_VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "video"
 
@@ -186,6 +200,41 @@ def eval_synthetic(
     }
 
 
+@torch.no_grad()
+def eval_drawn(
+    model: Stage1Model, cfg: Config, probe: torch.nn.Module, n_ids: int, frames: int, seed: int
+) -> dict[str, float]:
+    """``drawn_*`` (module docstring): true motion of clip-placed heads rendered on each
+    held-out portrait, read by the probe next to the world's frames of the same motion."""
+    from training.eval_stage2 import probe_read
+    from training.stage2_data import world_motion_alpha
+    from training.world import get_identity, heldout_ids, neutral_motion, render_frames
+    from training.world.motion import place_like_a_clip, random_motion
+
+    size = cfg.stage1.image_size
+    rng = np.random.default_rng(seed)
+    pose_err, drawn, world = [], [], []
+    for i in heldout_ids(cfg.world)[:n_ids]:
+        ident = get_identity(cfg.world, int(i))
+        h, feats = model.encode(to_tensor(render_frames(ident, neutral_motion(1), size)))
+        motion = random_motion(rng, frames)
+        place_like_a_clip(ident, motion, rng)
+        alpha = world_motion_alpha(motion, model.motion(h).expand(frames, -1))
+        out = probe_read(probe, model.render(h, feats, alpha).clamp(-1, 1))
+        truth = probe_read(probe, to_tensor(render_frames(ident, motion, size)))
+        pose_err.append(np.abs(out[:, 1:4] - truth[:, 1:4]).mean() * 90.0)
+        # within each face: the probe reads each identity's mouth with its own offset
+        drawn.append(out[:, 0] - out[:, 0].mean())
+        world.append(truth[:, 0] - truth[:, 0].mean())
+    d, w = np.concatenate(drawn).astype(np.float64), np.concatenate(world).astype(np.float64)
+    ok = d.std() > 1e-8 and w.std() > 1e-8
+    return {
+        "drawn_pose_err_deg": float(np.mean(pose_err)),
+        "drawn_mouth_r": float(np.corrcoef(d, w)[0, 1]) if ok else float("nan"),
+        "drawn_mouth_gain": float(d @ w / (w @ w)) if w.std() > 1e-8 else float("nan"),
+    }
+
+
 def readout_r(alphas: list[np.ndarray], truths: list[np.ndarray]) -> np.ndarray:
     """Per field, the held-out correlation of a linear read-out of alpha: clips (lists of
     (T, motion_dim) alpha and (T, F) truth) split in two halves, fit least squares on one half,
@@ -239,12 +288,19 @@ def eval_real(
     }
 
 
-def evaluate(checkpoint: str | None, n_ids: int, frames: int, real: bool) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str | None, n_ids: int, frames: int, real: bool, probe_path: Path = PROBE_PATH
+) -> dict[str, Any]:
     model, cfg, meta = load_stage1(checkpoint)
     res: dict[str, Any] = {"checkpoint": str(checkpoint or "bundled"), "config": cfg.name}
     res.update(meta=meta)
     direct = bool(meta.get("aux_motion_direct"))
     res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames, direct=direct))
+    drawn = dict.fromkeys(("drawn_pose_err_deg", "drawn_mouth_r", "drawn_mouth_gain"), math.nan)
+    if direct and probe_path.is_file():
+        probe, _ = load_probe(probe_path)
+        drawn = eval_drawn(model, cfg, probe, n_ids, frames, seed=4321)
+    res.update(drawn)
     if real:
         res.update(eval_real(model, cfg, REAL_VIDEO_DIR, frames=frames))
     else:

@@ -54,9 +54,8 @@ from engine.models.stage2 import Stage2Nets
 from engine.session_api import Controls
 from engine.tensors import to_tensor
 from engine.windowing import ControlTrack, WindowPlan, generate_offline, offline_features
+from training.probe import PROBE_PATH
 from training.stage2_data import encode_frames, world_motion_alpha
-
-PROBE_PATH = Path(__file__).resolve().parent.parent / "weights" / "probe.safetensors"
 
 
 class Generator:

@@ -27,6 +27,8 @@ PROBE_FIELDS = ("mouth_open", "yaw", "pitch", "roll")
 # yaw/pitch/roll are degrees/90 (about +-0.4): scale them up so each target has unit-ish range.
 _TARGET_SCALE = torch.tensor([1.0, 2.5, 2.5, 2.5])
 PROBE_SIZE = 128
+# the bundled judge of `livehead eval stage2` (and of the drawn-motion figures of `eval stage1`)
+PROBE_PATH = Path(__file__).resolve().parent.parent / "weights" / "probe.safetensors"
 
 
 class Probe(nn.Module):
