@@ -312,6 +312,15 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+def check_sampling(s2: Stage2Config) -> None:
+    """The stage-2 sampler settings a run may change (``engine.stream.RUNTIME_STAGE2_KEYS``),
+    checked in one place for the engine and the evaluation: ConfigError naming the key."""
+    if not 1 <= s2.sample_steps <= s2.timesteps:
+        raise ConfigError(f"stage2.sample_steps must be in [1, {s2.timesteps}]")
+    if not 0.0 <= s2.noise_scale <= 2.0:
+        raise ConfigError(f"stage2.noise_scale must be in [0, 2], got {s2.noise_scale}")
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

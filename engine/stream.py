@@ -63,7 +63,14 @@ from engine.backends import (
     check_device,
     make_backends,
 )
-from engine.config import Config, from_dict, load_config, parse_override, to_dict
+from engine.config import (
+    Config,
+    check_sampling,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
 from engine.diffusion import DiffusionSchedule
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
@@ -202,10 +209,7 @@ class Engine:
                 f"stage 1 has motion_dim {stage1.motion_dim}, stage 2 {stage2.motion_dim}: "
                 "use the stage-1 weights stage 2 was trained on"
             )
-        if not 1 <= s2.sample_steps <= s2.timesteps:
-            raise UserError(f"stage2.sample_steps must be in [1, {s2.timesteps}]")
-        if not 0.0 <= s2.noise_scale <= 2.0:
-            raise UserError(f"stage2.noise_scale must be in [0, 2], got {s2.noise_scale}")
+        check_sampling(s2)
         st = cfg.stream
         if st.output_queue_frames < s2.window_frames:
             raise UserError(

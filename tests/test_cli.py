@@ -37,3 +37,17 @@ def test_bad_config_is_one_clear_line() -> None:
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "livehead: error:" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "key"),
+    [("--noise-scale", "3", "noise_scale"), ("--steps", "0", "sample_steps")],
+)
+def test_eval_stage2_refuses_sampler_settings_the_engine_refuses(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, key: str
+) -> None:
+    """The evaluation checks --noise-scale and --steps as the engine does (one check), before
+    any generation starts."""
+    assert main(["eval", "stage2", flag, value, "--clips", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"stage2.{key} must be in" in err and "Traceback" not in err

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import Config
+from engine.config import Config, check_sampling
 from engine.diffusion import DiffusionSchedule
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
@@ -296,9 +296,10 @@ def run(args: argparse.Namespace) -> int:
     # changes such as stage1.inject keep it; stage 2 sees only the encoder's h and alpha)
     s2, cfg, meta = load_stage2(args.checkpoint, stage1=cfg1.stage1)
     if args.noise_scale is not None:
-        if not 0.0 <= args.noise_scale <= 2.0:
-            raise UserError("--noise-scale must be in [0, 2]")
         cfg.stage2.noise_scale = args.noise_scale
+    if args.steps is not None:
+        cfg.stage2.sample_steps = args.steps
+    check_sampling(cfg.stage2)  # as the engine does
     probe, acc = load_probe(Path(args.probe))
     res = evaluate(
         s1,
