@@ -65,7 +65,7 @@ from engine.models.stage1 import Stage1Model
 from engine.reenact import reenact_frames
 from engine.tensors import to_tensor
 from training.losses import psnr, ssim
-from training.probe import PROBE_PATH, load_probe
+from training.probe import PROBE_PATH, Probe, load_probe, probe_read
 
 REAL_VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "video"
 
@@ -202,11 +202,10 @@ def eval_synthetic(
 
 @torch.no_grad()
 def eval_drawn(
-    model: Stage1Model, cfg: Config, probe: torch.nn.Module, n_ids: int, frames: int, seed: int
+    model: Stage1Model, cfg: Config, probe: Probe, n_ids: int, frames: int, seed: int
 ) -> dict[str, float]:
     """``drawn_*`` (module docstring): true motion of clip-placed heads rendered on each
     held-out portrait, read by the probe next to the world's frames of the same motion."""
-    from training.eval_stage2 import probe_read
     from training.stage2_data import world_motion_alpha
     from training.world import get_identity, heldout_ids, neutral_motion, render_frames
     from training.world.motion import place_like_a_clip, random_motion

@@ -54,7 +54,7 @@ from engine.models.stage2 import Stage2Nets
 from engine.session_api import Controls
 from engine.tensors import to_tensor
 from engine.windowing import ControlTrack, WindowPlan, generate_offline, offline_features
-from training.probe import PROBE_PATH
+from training.probe import PROBE_PATH, probe_read
 from training.stage2_data import encode_frames, world_motion_alpha
 
 
@@ -113,12 +113,6 @@ class Generator:
         return torch.cat(
             [self.s1.render(h, feats, alpha[i : i + batch]) for i in range(0, len(alpha), batch)]
         )
-
-
-@torch.no_grad()
-def probe_read(probe, frames: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """(T, 3, S, S) in [-1, 1] -> (T, 4): mouth_open, yaw, pitch, roll (degrees/90)."""
-    return torch.cat([probe(frames[i : i + batch]) for i in range(0, len(frames), batch)]).numpy()
 
 
 def best_lag(x: np.ndarray, y: np.ndarray, max_lag: int = 10) -> int:
@@ -310,7 +304,6 @@ def run(args: argparse.Namespace) -> int:
         args.seconds,
         args.seeds,
         args.drift_minutes,
-        args.steps,
         world_alpha=bool(meta.get("world_alpha")),
     )
     res["noise_scale"] = cfg.stage2.noise_scale

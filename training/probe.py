@@ -134,6 +134,12 @@ def evaluate_probe(probe: Probe, world: WorldConfig, n: int = 256, seed: int = 9
     return out
 
 
+@torch.no_grad()
+def probe_read(probe: Probe, frames: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """(T, 3, S, S) in [-1, 1] -> (T, 4): mouth_open, yaw, pitch, roll (degrees/90)."""
+    return torch.cat([probe(frames[i : i + batch]) for i in range(0, len(frames), batch)]).numpy()
+
+
 def save_probe(probe: Probe, path: Path, accuracy: dict) -> None:
     from safetensors.torch import save_file
 
