@@ -201,6 +201,12 @@ class TrainStage1Config:
     steps: int = 100_000
     warmup_steps: int = 0  # linear learning-rate warm-up (generator side)
     w_l1: float = 1.0
+    # livehead option (0 = the paper's L1 only): a squared-error term, 4·(x - y)² (the region
+    # weights too, if set), on the [-1, 1] images. Where a detail's place or look is uncertain
+    # across identities (an open mouth's interior), L1's optimum is its median (draw nothing)
+    # and the mean's is a faint version; measured, renderer-only, 64 identities, 300 steps:
+    # held-out mouth gain 0.05 with L1, 0.13 with the squared error (model card, session 11).
+    w_l2: float = 0.0
     w_perceptual: float = 0.1
     w_adv: float = 1.0
     w_mi: float = 0.1
@@ -251,6 +257,15 @@ class TrainStage1Config:
     # independently of the turn and the renderer drew such a shift as a turn the other way.
     # 0 = off.
     placed_heads: float = 0.0
+    # synthetic-world option: this fraction of pairs takes as source the identity's avatar
+    # portrait (``neutral_motion``: frontal, centred, mouth closed, eyes open), as live and
+    # audio-driven rendering always does; the target is drawn as the other options say (with
+    # ``placed_heads``, placed like a clip's frame on its own pivot). 0 = off.
+    avatar_sources: float = 0.0
+    # synthetic-world accelerator: this fraction of pairs has a target that is exactly its
+    # source (head, eyes, brows, gaze) with a new mouth, its opening uniform in [0, 1]: the
+    # mouth's change alone, with no misplaced head whose error hides it. 0 = off.
+    mouth_pairs: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

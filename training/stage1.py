@@ -183,6 +183,8 @@ class Stage1Trainer:
                 negatives=t.negatives and not t.renderer_only,  # else they go unused
                 expression_pairs=t.expression_pairs,
                 placed_heads=t.placed_heads,
+                avatar_sources=t.avatar_sources,
+                mouth_pairs=t.mouth_pairs,
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -362,6 +364,9 @@ class Stage1Trainer:
                 "expression_pairs": (
                     self.t.expression_pairs if self.opts.data == "synthetic" else 0.0
                 ),
+                "avatar_sources": self.t.avatar_sources if self.opts.data == "synthetic" else 0.0,
+                "w_l2": self.t.w_l2,
+                "mouth_pairs": self.t.mouth_pairs if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
                 "seed": self.cfg.train.seed,
             },
@@ -424,6 +429,7 @@ class Stage1Trainer:
             recon = out["recon"].float()
             err = (recon - b.target).abs()
             l1 = err.mean()
+            w = None
             if t.region_weight > 0 and b.regions is not None:
                 # flagged synthetic-world accelerator: mouth and eyes weigh more
                 w = region_weights(b.regions, recon.shape[-1], t.region_weight)
@@ -433,6 +439,11 @@ class Stage1Trainer:
                 l1_loss = l1
             perc = self.perceptual(recon, b.target)
             loss = t.w_l1 * l1_loss + t.w_perceptual * perc
+            if t.w_l2 > 0:
+                sq = 4.0 * err.square()
+                l2 = (sq * w).mean() if w is not None else sq.mean()
+                loss = loss + t.w_l2 * l2
+                logs["l2"] = float(l2.detach())
             mi = None
             if not t.renderer_only:
                 loss = loss + t.w_metric * out["metric"]

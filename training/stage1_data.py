@@ -162,17 +162,24 @@ class SyntheticPairs:
         negatives: bool = True,
         expression_pairs: float = 0.0,
         placed_heads: float = 0.0,
+        avatar_sources: float = 0.0,
+        mouth_pairs: float = 0.0,
     ):
         """negatives: render the explicit negative frame (another identity) of each item;
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
         placed_heads: share of pairs whose head is placed as in a talking clip
-        (``training.world.place_like_a_clip``; one neck pivot for source and target)."""
+        (``training.world.place_like_a_clip``; one neck pivot for source and target).
+        avatar_sources: share of pairs whose source is the identity's avatar portrait
+        (``neutral_motion``); a placed target then gets a pivot of its own.
+        mouth_pairs: share of pairs whose target is exactly the source with a new mouth."""
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
         self.closed_source = closed_source
         self.expression_pairs = expression_pairs
         self.placed_heads = placed_heads
+        self.avatar_sources = avatar_sources
+        self.mouth_pairs = mouth_pairs
         self.negatives = negatives
         self.world = world
         self.size = image_size
@@ -191,7 +198,10 @@ class SyntheticPairs:
                 nid = self.ids[(np.searchsorted(self.ids, i) + 1) % len(self.ids)]
             ident = get_identity(self.world, int(i))
             m_src = motion.random_motion(rng, 1)
-            if self.closed_source > 0 and rng.random() < self.closed_source:
+            avatar = self.avatar_sources > 0 and rng.random() < self.avatar_sources
+            if avatar:
+                m_src = motion.neutral_motion(1)
+            elif self.closed_source > 0 and rng.random() < self.closed_source:
                 # as a portrait is: the mouth closed and at rest (the target says what opens)
                 m_src["mouth_open"], m_src["mouth_round"], m_src["mouth_width"] = 0.0, 0.0, 0.5
             if self.expression_pairs > 0 and rng.random() < self.expression_pairs:
@@ -208,8 +218,18 @@ class SyntheticPairs:
             else:
                 m_tgt = motion.random_motion(rng, 1)
             if self.placed_heads > 0 and rng.random() < self.placed_heads:
-                pivot = motion.place_like_a_clip(ident, m_src, rng)
-                motion.place_like_a_clip(ident, m_tgt, rng, pivot)
+                if avatar:  # the portrait stays as it is; the frame goes where a clip puts it
+                    motion.place_like_a_clip(ident, m_tgt, rng)
+                else:
+                    pivot = motion.place_like_a_clip(ident, m_src, rng)
+                    motion.place_like_a_clip(ident, m_tgt, rng, pivot)
+            if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
+                # exactly the source's head and face; only the mouth is new (opening uniform)
+                m_tgt = m_src.copy()
+                m_tgt["mouth_open"] = rng.uniform(0.0, 1.0)
+                m_tgt["mouth_round"] = rng.beta(1.0, 2.5)
+                width = 0.6 - 0.5 * float(m_tgt["mouth_round"][0]) + rng.normal(0.0, 0.1)
+                m_tgt["mouth_width"] = float(np.clip(width, 0.0, 1.0))
             pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
             src.append(pair[0])
             tgt.append(pair[1])
