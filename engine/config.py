@@ -205,7 +205,8 @@ class TrainStage1Config:
     # weights too, if set), on the [-1, 1] images. Where a detail's place or look is uncertain
     # across identities (an open mouth's interior), L1's optimum is its median (draw nothing)
     # and the mean's is a faint version; measured, renderer-only, 64 identities, 300 steps:
-    # held-out mouth gain 0.05 with L1, 0.13 with the squared error (model card, session 11).
+    # held-out mouth gain 0.05 with L1, 0.13 with the squared error in its place (model card,
+    # session 11).
     w_l2: float = 0.0
     w_perceptual: float = 0.1
     w_adv: float = 1.0

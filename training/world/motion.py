@@ -113,6 +113,12 @@ def motion_row(**values: float) -> np.void:
 # --------------------------------------------------------------------------------------------
 # Time-independent samples (stage-1 training pairs)
 # --------------------------------------------------------------------------------------------
+def mouth_width_for(rounding: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Lip-corner spread that goes with a rounding (narrower when rounded), with a little
+    noise: (n,) -> (n,) in [0, 1]."""
+    return np.clip(0.6 - 0.5 * rounding + rng.normal(0, 0.1, len(rounding)), 0, 1)
+
+
 def random_motion(rng: np.random.Generator, n: int) -> np.ndarray:
     """(n,) MOTION_DTYPE rows, each an independent plausible pose and expression."""
     m = np.zeros(n, MOTION_DTYPE)
@@ -126,7 +132,7 @@ def random_motion(rng: np.random.Generator, n: int) -> np.ndarray:
     speaking = rng.random(n) > 0.33
     m["mouth_open"] = np.where(speaking, rng.beta(1.5, 2.0, n), 0.0)
     m["mouth_round"] = np.where(speaking, rng.beta(1.0, 2.5, n), 0.0)
-    m["mouth_width"] = np.clip(0.6 - 0.5 * m["mouth_round"] + rng.normal(0, 0.1, n), 0, 1)
+    m["mouth_width"] = mouth_width_for(m["mouth_round"], rng)
     closed = rng.random(n) < 0.1
     squint = rng.beta(1.0, 6.0, n)
     m["blink_l"] = np.where(closed, 1.0, squint)
