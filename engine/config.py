@@ -267,6 +267,10 @@ class TrainStage1Config:
     # source (head, eyes, brows, gaze) with a new mouth, its opening uniform in [0, 1]: the
     # mouth's change alone, with no misplaced head whose error hides it. 0 = off.
     mouth_pairs: float = 0.0
+    # with ``mouth_pairs``: this fraction of the mouth pairs keeps the target's head (pose,
+    # place, scale as drawn) with the source's face and a new mouth, so the mouth is drawn on
+    # a moved head too. 0 = every mouth pair keeps the source's head.
+    mouth_pairs_moved: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

@@ -660,3 +660,28 @@ def test_mouth_pairs_change_only_the_mouth() -> None:
     opening = b.gt_target[:, mouth[0]] - b.gt_source[:, mouth[0]]
     assert opening.abs().mean() > 0.2
     assert not torch.equal(b.source, b.target)
+
+
+def test_moved_mouth_pairs_keep_the_targets_head() -> None:
+    """mouth_pairs_moved = 1: the target's head moves as drawn, its face is the source's but for
+    a new mouth; with 0 the head stays (above)."""
+    import numpy as np
+
+    from training.stage1_data import AUX_FIELDS, SyntheticPairs
+    from training.world.motion import HEAD_FIELDS
+
+    cfg = load_config("tiny")
+    rng, g = np.random.default_rng(6), torch.Generator().manual_seed(0)
+    data = SyntheticPairs(
+        cfg.world, 32, negatives=False, avatar_sources=0.5, mouth_pairs=1.0, mouth_pairs_moved=1.0
+    )
+    b = data.sample(rng, g, 16)
+    assert b.gt_source is not None and b.gt_target is not None
+    mouth = [AUX_FIELDS.index(f) for f in ("mouth_open", "mouth_width", "mouth_round")]
+    head = [AUX_FIELDS.index(f) for f in HEAD_FIELDS if f in AUX_FIELDS]
+    face = [i for i in range(len(AUX_FIELDS)) if i not in mouth and i not in head]
+    assert head and face
+    torch.testing.assert_close(b.gt_target[:, face], b.gt_source[:, face], atol=1e-6, rtol=0)
+    moved = (b.gt_target[:, head] - b.gt_source[:, head]).abs().amax(dim=1) > 1e-3
+    assert moved.float().mean() > 0.8
+    assert (b.gt_target[:, mouth[0]] - b.gt_source[:, mouth[0]]).abs().mean() > 0.2

@@ -185,6 +185,7 @@ class Stage1Trainer:
                 placed_heads=t.placed_heads,
                 avatar_sources=t.avatar_sources,
                 mouth_pairs=t.mouth_pairs,
+                mouth_pairs_moved=t.mouth_pairs_moved,
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -367,6 +368,9 @@ class Stage1Trainer:
                 "avatar_sources": self.t.avatar_sources if self.opts.data == "synthetic" else 0.0,
                 "w_l2": self.t.w_l2,
                 "mouth_pairs": self.t.mouth_pairs if self.opts.data == "synthetic" else 0.0,
+                "mouth_pairs_moved": (
+                    self.t.mouth_pairs_moved if self.opts.data == "synthetic" else 0.0
+                ),
                 "weights": which,
                 "seed": self.cfg.train.seed,
             },

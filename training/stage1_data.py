@@ -164,6 +164,7 @@ class SyntheticPairs:
         placed_heads: float = 0.0,
         avatar_sources: float = 0.0,
         mouth_pairs: float = 0.0,
+        mouth_pairs_moved: float = 0.0,
     ):
         """negatives: render the explicit negative frame (another identity) of each item;
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
@@ -171,7 +172,9 @@ class SyntheticPairs:
         (``training.world.place_like_a_clip``; one neck pivot for source and target).
         avatar_sources: share of pairs whose source is the identity's avatar portrait
         (``neutral_motion``); a placed target then gets a pivot of its own.
-        mouth_pairs: share of pairs whose target is exactly the source with a new mouth."""
+        mouth_pairs: share of pairs whose target is exactly the source with a new mouth.
+        mouth_pairs_moved: share of those mouth pairs that keep the target's head (pose, place,
+        scale) instead of the source's: the face as in the source, the head moved, a new mouth."""
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
@@ -180,6 +183,7 @@ class SyntheticPairs:
         self.placed_heads = placed_heads
         self.avatar_sources = avatar_sources
         self.mouth_pairs = mouth_pairs
+        self.mouth_pairs_moved = mouth_pairs_moved
         self.negatives = negatives
         self.world = world
         self.size = image_size
@@ -225,7 +229,12 @@ class SyntheticPairs:
                     motion.place_like_a_clip(ident, m_tgt, rng, pivot)
             if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
                 # exactly the source's head and face; only the mouth is new (opening uniform)
+                moved = self.mouth_pairs_moved > 0 and rng.random() < self.mouth_pairs_moved
+                head = m_tgt.copy()
                 m_tgt = m_src.copy()
+                if moved:  # the target's head with the source's face
+                    for f in motion.HEAD_FIELDS:
+                        m_tgt[f] = head[f]
                 m_tgt["mouth_open"] = rng.uniform(0.0, 1.0)
                 m_tgt["mouth_round"] = rng.beta(1.0, 2.5)
                 m_tgt["mouth_width"] = motion.mouth_width_for(m_tgt["mouth_round"], rng)

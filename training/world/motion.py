@@ -55,6 +55,7 @@ MOTION_FIELDS = (
 )
 # the face's own motions (everything after head pose, place and scale)
 EXPRESSION_FIELDS = MOTION_FIELDS[MOTION_FIELDS.index("mouth_open") :]
+HEAD_FIELDS = MOTION_FIELDS[: MOTION_FIELDS.index("mouth_open")]  # pose, place and scale
 MOTION_DTYPE = np.dtype([(name, np.float32) for name in MOTION_FIELDS])
 
 YAW_LIMIT = 35.0 / 90.0
