@@ -109,6 +109,12 @@ class Stage2Config:
     # sampler). Below 1 trades spread across seeds for steadier motion (livehead extension;
     # measured for the tiny model in configs/tiny.toml).
     noise_scale: float = 1.0
+    # Control guidance (livehead extension, off = the plain sampler): where the user gives a
+    # control, each denoiser call becomes eps(c) + g * (eps(c) - eps(c_pred)), c_pred being the
+    # variance adapter's own predictions, so the motion follows a commanded pose, location or
+    # scale more closely (classifier-free guidance with the prediction as the "free" branch).
+    # It costs a second adapter and denoiser pass per step, only for windows with a control.
+    control_guidance: float = 0.0
     # Windowing (shared by offline rendering and streaming)
     window_frames: int = 25  # new frames generated per window
     prefix_frames: int = 10  # K already-emitted alphas given as a known prefix
@@ -339,6 +345,8 @@ def check_sampling(s2: Stage2Config) -> None:
         raise ConfigError(f"stage2.sample_steps must be in [1, {s2.timesteps}]")
     if not 0.0 <= s2.noise_scale <= 2.0:
         raise ConfigError(f"stage2.noise_scale must be in [0, 2], got {s2.noise_scale}")
+    if not 0.0 <= s2.control_guidance <= 4.0:
+        raise ConfigError(f"stage2.control_guidance must be in [0, 4], got {s2.control_guidance}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

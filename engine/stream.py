@@ -88,6 +88,7 @@ RUNTIME_STAGE2_KEYS = frozenset(
     {
         "sample_steps",
         "noise_scale",
+        "control_guidance",
         "window_frames",
         "prefix_frames",
         "lookahead_frames",
@@ -733,6 +734,7 @@ class StreamSession:
             steps=e.cfg.stage2.sample_steps,
             schedule=e.schedule,
             noise_scale=e.cfg.stage2.noise_scale,
+            control_guidance=e.cfg.stage2.control_guidance,
             audio_cfg=e.cfg.stage2.audio,
             pad_row=e.pad_row,
             controls=_ShiftedTrack(self._track, origin_frame),

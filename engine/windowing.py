@@ -313,6 +313,7 @@ def generate_window(
     schedule: DiffusionSchedule,
     controls: tuple[torch.Tensor, torch.Tensor] | None = None,
     clamp: tuple[float, float] | None = (-1.0, 1.0),
+    guidance: float = 0.0,
 ) -> torch.Tensor:
     """One window of motion; a pure function of its inputs.
 
@@ -321,6 +322,8 @@ def generate_window(
     ref_alpha: (motion_dim,) raw α of the portrait; ref_h: (latent_dim,) its latent h.
     noise: (K + W, motion_dim) standard normal (``window_noise``).
     controls: (values (C + W + L, 5), mask (C + W + L, 3)) for the segment frames, or None.
+    guidance: control guidance g (``stage2.control_guidance``): where a control is given, each
+    denoiser call returns eps(c) + g * (eps(c) - eps(c_pred)); 0 or no control: one pass.
     Returns the W new frames' raw α, (W, motion_dim), on feats_segment's device.
     """
     k, w, c, s = plan.prefix_frames, plan.window_frames, plan.context_frames, plan.segment_frames
@@ -345,8 +348,18 @@ def generate_window(
     ref_a = norm.normalize(ref_alpha.to(dev)).reshape(1, -1)
     ref_h = ref_h.to(dev).reshape(1, -1)
 
+    free = None
+    if guidance > 0 and bool(mask.any()):
+        # the same segment with every control left to the adapter's own predictions
+        free, _ = nets.encode(feats_segment[None], values[None].to(dev), 0 * mask[None].to(dev))
+        free = free[:, c - k : c + w]
+
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nets.denoise(x_t, t, speech, ref_a, ref_h, known, known_mask)
+        eps = nets.denoise(x_t, t, speech, ref_a, ref_h, known, known_mask)
+        if free is None:
+            return eps
+        eps_free = nets.denoise(x_t, t, free, ref_a, ref_h, known, known_mask)
+        return eps + guidance * (eps - eps_free)
 
     x0 = ddim_sample(denoise, noise.to(dev)[None], schedule, steps, clamp, known, known_mask)
     return norm.denormalize(x0[0, k:])
@@ -382,16 +395,28 @@ def generate_offline(
     pad_row: torch.Tensor,
     controls: ControlTrack | None = None,
     noise_scale: float = 1.0,
+    control_guidance: float = 0.0,
 ) -> torch.Tensor:
     """Motion for a whole clip, window by window exactly as a stream would.
 
     feats: (T_feat, D) features from sample 0, covering ``plan.total_samples(n_frames)`` samples
     (``offline_features``). pad_row: (D,) silence features for frames before the start.
-    noise_scale: the sampling temperature (``stage2.noise_scale``).
+    noise_scale: the sampling temperature (``stage2.noise_scale``); control_guidance:
+    ``stage2.control_guidance`` (``generate_window``'s guidance).
     Returns raw α, (n_frames, motion_dim).
     """
     runner = _WindowRunner(
-        nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls, noise_scale
+        nets,
+        plan,
+        ref_alpha,
+        ref_h,
+        seed,
+        steps,
+        schedule,
+        pad_row,
+        controls,
+        noise_scale,
+        control_guidance,
     )
     emitted: list[torch.Tensor] = []
     history = torch.zeros(0, ref_alpha.shape[-1], device=feats.device)
@@ -419,6 +444,7 @@ class _WindowRunner:
     pad_row: torch.Tensor
     controls: ControlTrack | None
     noise_scale: float = 1.0
+    control_guidance: float = 0.0
 
     def run(
         self, i: int, feats: torch.Tensor, first_index: int, history: torch.Tensor
@@ -442,6 +468,7 @@ class _WindowRunner:
             steps=self.steps,
             schedule=self.schedule,
             controls=ctrl,
+            guidance=self.control_guidance,
         )
 
 
@@ -465,6 +492,7 @@ class MotionStreamer:
         pad_row: torch.Tensor | None = None,
         controls: ControlTrack | None = None,
         noise_scale: float = 1.0,
+        control_guidance: float = 0.0,
     ) -> None:
         self.plan = plan
         self.ref_alpha = ref_alpha
@@ -473,7 +501,17 @@ class MotionStreamer:
             pad_row = silence_feature_row(LogMelFrontend(self.audio_cfg))
         self.pad_row = pad_row
         self.runner = _WindowRunner(
-            nets, plan, ref_alpha, ref_h, seed, steps, schedule, pad_row, controls, noise_scale
+            nets,
+            plan,
+            ref_alpha,
+            ref_h,
+            seed,
+            steps,
+            schedule,
+            pad_row,
+            controls,
+            noise_scale,
+            control_guidance,
         )
         self.reset()
 

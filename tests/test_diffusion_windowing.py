@@ -225,15 +225,16 @@ def _audio(n: int) -> np.ndarray:
     )
 
 
+@pytest.mark.parametrize("guidance", [0.0, 0.8])
 @pytest.mark.parametrize("chunking", ["10ms", "333ms", "random"])
-def test_streaming_equals_offline_bit_exact(chunking):
+def test_streaming_equals_offline_bit_exact(chunking, guidance):
     nets, plan, ref_alpha, ref_h = _tiny()
     fe = LogMelFrontend()
     pad = silence_feature_row(fe)
     audio = _audio(16000 + 1234)  # 1.08 s: 27 frames, the last one partial -> 9 windows
     track = ControlTrack()
     track.set(7, Controls(pose_deg=(20.0, -5.0, 0.0)))
-    common = dict(seed=11, steps=4, schedule=SCHED, noise_scale=0.7)
+    common = dict(seed=11, steps=4, schedule=SCHED, noise_scale=0.7, control_guidance=guidance)
 
     feats, n_frames = offline_features(fe, audio, plan)
     assert n_frames == 27
@@ -330,6 +331,36 @@ def test_controls_change_the_window_and_seed_matters():
         nets, plan, seg, prefix, ref_alpha, ref_h, window_noise(1, 2, plan.denoise_frames, 20), **kw
     )
     assert not torch.allclose(other_seed, free)
+
+
+def test_control_guidance_pushes_towards_the_control():
+    """guidance 0 is the plain sampler; without a control, or with the adapter's own prediction
+    as the control, guidance changes nothing; with a commanded pose it moves the window further
+    from the free motion than the plain sampler does (eps(c) + g·(eps(c) − eps(c_pred)))."""
+    nets, plan, ref_alpha, ref_h = _tiny()
+    fe = LogMelFrontend()
+    feats, _ = offline_features(fe, _audio(16000), plan)
+    seg = segment_features(feats, 0, plan, 2, silence_feature_row(fe))
+    prefix = prefix_alpha(torch.randn(6, 20), ref_alpha, plan.prefix_frames)
+    noise = window_noise(0, 2, plan.denoise_frames, 20)
+    kw = dict(steps=4, schedule=SCHED)
+
+    def run(controls=None, g: float = 0.0) -> torch.Tensor:
+        return generate_window(
+            nets, plan, seg, prefix, ref_alpha, ref_h, noise, controls=controls, guidance=g, **kw
+        )
+
+    free = run()
+    assert torch.equal(run(g=1.0), free)
+    s = plan.segment_frames
+    _, pred = nets.encode(seg[None], torch.zeros(1, s, 5), torch.zeros(1, s, 3))
+    torch.testing.assert_close(run((pred[0], torch.ones(s, 3)), 1.0), free)
+    pose = pred[0].clone()
+    pose[:, 2:] = torch.tensor([0.5, -0.2, 0.1])
+    ctrl = (pose, torch.tensor([0.0, 0.0, 1.0]).expand(s, 3))
+    plain, guided = run(ctrl), run(ctrl, 1.0)
+    assert torch.equal(run(ctrl, 0.0), plain)
+    assert (guided - free).norm() > 1.2 * (plain - free).norm()
 
 
 def test_control_track_stays_bounded_and_exact() -> None:

@@ -73,6 +73,7 @@ class Generator:
         )
         self.steps = steps or cfg.stage2.sample_steps
         self.noise_scale = cfg.stage2.noise_scale
+        self.control_guidance = cfg.stage2.control_guidance
 
     @torch.no_grad()
     def avatar(self, portrait: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -106,6 +107,7 @@ class Generator:
             pad_row=self.pad_row,
             controls=track,
             noise_scale=self.noise_scale,
+            control_guidance=self.control_guidance,
         )
 
     @torch.no_grad()
@@ -276,6 +278,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sampling temperature, stage2.noise_scale (default: the weights' config)",
     )
+    p.add_argument(
+        "--control-guidance",
+        type=float,
+        default=None,
+        help="stage2.control_guidance (default: the weights' config)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -293,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.stage2.noise_scale = args.noise_scale
     if args.steps is not None:
         cfg.stage2.sample_steps = args.steps
+    if args.control_guidance is not None:
+        cfg.stage2.control_guidance = args.control_guidance
     check_sampling(cfg.stage2)  # as the engine does
     probe, acc = load_probe(Path(args.probe))
     res = evaluate(
@@ -307,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         world_alpha=bool(meta.get("world_alpha")),
     )
     res["noise_scale"] = cfg.stage2.noise_scale
+    res["control_guidance"] = cfg.stage2.control_guidance
     res["probe"] = acc
     res["checkpoint"] = args.checkpoint or "bundled"
     res["meta"] = meta
