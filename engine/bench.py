@@ -62,6 +62,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-ms", type=float, default=20.0, help="push size in milliseconds")
     p.add_argument("--threads", type=int, default=None, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pose",
+        default=None,
+        metavar="YAW,PITCH,ROLL",
+        help="command this head pose (degrees) for the whole run, e.g. 15,0,0: measures the "
+        "controlled path (with stage2.control_guidance > 0, a second denoiser pass)",
+    )
     p.add_argument("--config", default=None, help="config name or .toml (default: the weights')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument("--stage1", default=None, help="stage-1 safetensors (default: bundled)")
@@ -288,6 +295,7 @@ def run_stream(
     realtime: bool,
     seed: int = 0,
     progress: bool = False,
+    pose: tuple[float, float, float] | None = None,
 ) -> dict[str, Any]:
     """Feed ``audio`` (16 kHz, looped to ``duration_s``) through a session; measure."""
     chunk = max(1, int(round(chunk_ms * SAMPLE_RATE / 1000)))
@@ -305,6 +313,10 @@ def run_stream(
     warm.close()
 
     session = engine.session(avatar, seed=seed)
+    if pose is not None:
+        from engine.session_api import Controls
+
+        session.set_controls(Controls(pose_deg=pose))
     rec = _Recorder(signal)
     push_end = array("q")  # end sample of each push
     push_time = array("d")  # monotonic time right before the push
@@ -463,6 +475,13 @@ def _avatar(engine: Any, image: str | None) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.duration <= 0 or args.chunk_ms <= 0:
         raise UserError("--duration and --chunk-ms must be positive")
+    pose = None
+    if args.pose is not None:
+        try:
+            yaw, pitch, roll = (float(v) for v in args.pose.split(","))
+        except ValueError:
+            raise UserError(f"--pose wants YAW,PITCH,ROLL in degrees, got {args.pose!r}") from None
+        pose = (yaw, pitch, roll)
     engine = _load_engine(args)
     avatar = _avatar(engine, args.image)
     audio, source = bench_audio(args.audio)
@@ -475,6 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         realtime=args.realtime,
         seed=args.seed,
         progress=not args.json,
+        pose=pose,
     )
     series = res.pop("_series")
     info = {k: v for k, v in engine.info.items() if not k.endswith("_meta")}
@@ -483,6 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weights": info.pop("weights", "trained"),
         "weights_info": info,
         "audio": source,
+        "pose_deg": list(pose) if pose is not None else None,
         **res,
         "machine": machine_info(),
         "config": engine.resolved_config(),

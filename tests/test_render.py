@@ -172,3 +172,17 @@ def test_bench_stream_json(tmp_path, weights, capsys):
     assert set(res["latency_ms"]) == {"p50", "p95", "p99"}
     assert set(res["stage_ms_per_window"]) == {"features", "encoder", "denoiser", "render", "total"}
     assert png.stat().st_size > 1000
+
+
+def test_bench_stream_with_a_commanded_pose(weights, capsys):
+    """--pose runs the controlled path (guided, a second denoiser pass); a bad --pose is a
+    clear error."""
+    s1, s2 = weights
+    args = ["bench", "stream", "--stage1", str(s1), "--checkpoint", str(s2), "--duration", "0.5"]
+    guided = ["--set", "stage2.control_guidance=1.0", "--json"]
+    assert main(args + ["--pose", "15,0,-5", *guided]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["pose_deg"] == [15.0, 0.0, -5.0] and res["frames"] == 13
+    assert res["config"]["stage2"]["control_guidance"] == 1.0
+    assert main(args + ["--pose", "15,0", "--json"]) == 2
+    assert "--pose wants YAW,PITCH,ROLL" in capsys.readouterr().err
