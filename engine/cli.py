@@ -48,6 +48,8 @@ def _render(args: argparse.Namespace) -> int:
         overrides.append(f"stage2.sample_steps={args.steps}")
     if args.noise_scale is not None:
         overrides.append(f"stage2.noise_scale={args.noise_scale}")
+    if args.control_guidance is not None:
+        overrides.append(f"stage2.control_guidance={args.control_guidance}")
     engine = Engine.load(
         args.stage1,
         args.checkpoint,
@@ -105,6 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="sampling temperature in [0, 2]: lower is steadier, 0 the same for every seed "
         "(default: config's stage2.noise_scale)",
+    )
+    p.add_argument(
+        "--control-guidance",
+        type=float,
+        default=None,
+        help="in [0, 4]: how closely commanded pose/location/scale are followed, 0 = the plain "
+        "sampler (default: config's stage2.control_guidance)",
     )
     p.add_argument("--pose-yaw", type=float, default=None, help="fixed yaw, degrees")
     p.add_argument("--pose-pitch", type=float, default=None, help="fixed pitch, degrees")

@@ -151,11 +151,13 @@ def test_render_cli_bad_inputs(tmp_path, weights, portrait, capsys):
     assert render_cli(weights, portrait, wav, tmp_path / "x.mp4", "--pose-yaw", "100") == 2
     assert render_cli(weights, portrait, wav, tmp_path / "y.mp4", "--steps", "0") == 2
     assert render_cli(weights, portrait, wav, tmp_path / "n.mp4", "--noise-scale", "-1") == 2
+    assert render_cli(weights, portrait, wav, tmp_path / "g.mp4", "--control-guidance", "9") == 2
     assert (
         render_cli(weights, portrait, wav, tmp_path / "z.mp4", "--set", "stage1.latent_dim=8") == 2
     )
     err = capsys.readouterr().err
     assert "90" in err and "fixed by the weights" in err and "noise_scale must be" in err
+    assert "control_guidance must be in [0, 4]" in err
 
 
 def test_bench_stream_json(tmp_path, weights, capsys):
