@@ -113,7 +113,8 @@ class Stage2Config:
     # control, each denoiser call becomes eps(c) + g * (eps(c) - eps(c_pred)), c_pred being the
     # variance adapter's own predictions, so the motion follows a commanded pose, location or
     # scale more closely (classifier-free guidance with the prediction as the "free" branch).
-    # It costs a second adapter and denoiser pass per step, only for windows with a control.
+    # It costs a second adapter pass per window and a second denoiser pass per step, only for
+    # windows with a control.
     control_guidance: float = 0.0
     # Windowing (shared by offline rendering and streaming)
     window_frames: int = 25  # new frames generated per window

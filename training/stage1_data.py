@@ -228,13 +228,13 @@ class SyntheticPairs:
                     pivot = motion.place_like_a_clip(ident, m_src, rng)
                     motion.place_like_a_clip(ident, m_tgt, rng, pivot)
             if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
-                # exactly the source's head and face; only the mouth is new (opening uniform)
+                # the source's face (and head, unless moved); only the mouth is new (uniform)
                 moved = self.mouth_pairs_moved > 0 and rng.random() < self.mouth_pairs_moved
-                head = m_tgt.copy()
-                m_tgt = m_src.copy()
-                if moved:  # the target's head with the source's face
+                face = m_src.copy()
+                if moved:  # the target's head as drawn above
                     for f in motion.HEAD_FIELDS:
-                        m_tgt[f] = head[f]
+                        face[f] = m_tgt[f]
+                m_tgt = face
                 m_tgt["mouth_open"] = rng.uniform(0.0, 1.0)
                 m_tgt["mouth_round"] = rng.beta(1.0, 2.5)
                 m_tgt["mouth_width"] = motion.mouth_width_for(m_tgt["mouth_round"], rng)
