@@ -207,6 +207,11 @@ class TrainStage1Config:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     steps: int = 100_000
     warmup_steps: int = 0  # linear learning-rate warm-up (generator side)
+    # livehead option (LIA keeps lr constant): after the warm-up, a cosine from ``lr`` down to
+    # ``lr_final`` that ends at step ``lr_decay_steps`` (then ``lr_final``); 0 = constant lr.
+    # A function of the step only, so ``--resume`` continues it exactly.
+    lr_decay_steps: int = 0
+    lr_final: float = 0.0
     w_l1: float = 1.0
     # livehead option (0 = the paper's L1 only): a squared-error term, 4·(x - y)² (the region
     # weights too, if set), on the [-1, 1] images. Where a detail's place or look is uncertain

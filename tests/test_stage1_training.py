@@ -685,3 +685,36 @@ def test_moved_mouth_pairs_keep_the_targets_head() -> None:
     moved = (b.gt_target[:, head] - b.gt_source[:, head]).abs().amax(dim=1) > 1e-3
     assert moved.float().mean() > 0.8
     assert (b.gt_target[:, mouth[0]] - b.gt_source[:, mouth[0]]).abs().mean() > 0.2
+
+
+def test_cosine_learning_rate_decay(tmp_path: Path) -> None:
+    """train.stage1.lr_decay_steps: warm-up, then a cosine from lr to lr_final ending at that
+    step; the optimiser gets it each step; a bad lr_final is a clear error."""
+    from training.stage1 import generator_lr
+
+    cfg = load_config(
+        "tiny",
+        [
+            "train.stage1.lr=1e-3",
+            "train.stage1.warmup_steps=10",
+            "train.stage1.lr_decay_steps=110",
+            "train.stage1.lr_final=1e-4",
+        ],
+    ).train.stage1
+    assert generator_lr(cfg, 5) == pytest.approx(0.5 * 1e-3)
+    assert generator_lr(cfg, 10) == pytest.approx(1e-3)
+    assert generator_lr(cfg, 60) == pytest.approx(0.55e-3)  # half-way down the cosine
+    assert generator_lr(cfg, 110) == pytest.approx(1e-4)
+    assert generator_lr(cfg, 500) == pytest.approx(1e-4)
+    const = load_config(
+        "tiny", ["train.stage1.lr=1e-3", "train.stage1.warmup_steps=0"]
+    ).train.stage1
+    assert generator_lr(const, 7) == 1e-3
+    extra = ("train.stage1.warmup_steps=0", "train.stage1.lr_decay_steps=3")
+    tr = _trainer(tmp_path / "a", steps=2, extra=extra)
+    tr.train_step()
+    lr0 = tr.opt_g.param_groups[0]["lr"]
+    tr.train_step()
+    assert 0 < tr.opt_g.param_groups[0]["lr"] < lr0 < tr.t.lr
+    with pytest.raises(UserError, match="lr_final"):
+        _trainer(tmp_path / "b", extra=("train.stage1.lr_final=1.0",))

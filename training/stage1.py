@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.config import Config, add_config_args, load_config
+from engine.config import Config, TrainStage1Config, add_config_args, load_config
 from engine.errors import UserError
 from engine.models.stage1 import CLUB, ArcMarginProduct, Discriminator, Stage1Model
 from engine.weights import save_weights
@@ -61,6 +61,20 @@ from training.stage1_data import (
     region_weights,
     step_loader,
 )
+
+
+def generator_lr(t: TrainStage1Config, step: int) -> float:
+    """The generator's learning rate at ``step`` (1-based): linear warm-up over
+    ``warmup_steps``, then constant, or a cosine down to ``lr_final`` ending at
+    ``lr_decay_steps`` when that is set."""
+    lr = t.lr
+    if t.lr_decay_steps > t.warmup_steps:
+        span = t.lr_decay_steps - t.warmup_steps
+        done = min(1.0, max(0.0, (step - t.warmup_steps) / span))
+        lr = t.lr_final + (t.lr - t.lr_final) * 0.5 * (1.0 + math.cos(math.pi * done))
+    if t.warmup_steps:
+        lr *= min(1.0, step / t.warmup_steps)
+    return lr
 
 
 class GeneratorStep(nn.Module):
@@ -171,6 +185,11 @@ class Stage1Trainer:
         self.cfg, self.opts, self.dist = cfg, opts, dist_info
         t = cfg.train.stage1
         self.t = t
+        if t.lr_decay_steps < 0 or not (0.0 <= t.lr_final <= t.lr):
+            raise UserError(
+                "train.stage1: lr_decay_steps must be >= 0 and lr_final in [0, lr], got "
+                f"{t.lr_decay_steps} and {t.lr_final}"
+            )
         dev = dist_info.device
         size = cfg.stage1.image_size
         if opts.data == "synthetic":
@@ -474,9 +493,9 @@ class Stage1Trainer:
             )
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        if t.warmup_steps:
+        if t.warmup_steps or t.lr_decay_steps:
             for group in self.opt_g.param_groups:
-                group["lr"] = t.lr * min(1.0, step / t.warmup_steps)
+                group["lr"] = generator_lr(t, step)
         self.opt_g.step()
         self.ema.update(self.model, step)
         self.disc.requires_grad_(True)
