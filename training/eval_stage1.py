@@ -18,6 +18,13 @@ Metrics (all on held-out identities, which training never sees):
   least-squares coefficient of the driver's appearance in the error. 0 = no leakage, 1 = the
   output is the driver.
 - ``copy_psnr``: PSNR of simply repeating the source frame (the floor a model must beat).
+- ``self_psnr_by_head_move``: where the self-reenactment error comes from. The frames are split
+  into four quartiles of how far the head has moved from the source frame (|d loc_x| +
+  |d loc_y| + |d scale| in the world's units: place and size, which move the whole head's
+  outline), each with ``move`` (the bin's edges), ``psnr`` and ``copy_psnr``. A renderer
+  that warps exactly keeps its PSNR as the head moves; a soft one falls towards the copy.
+- ``source_recon_psnr``: each source frame rendered with its own alpha against itself (no
+  motion at all): the renderer's ceiling on these faces.
 - ``cross_psnr_true_alpha`` (only for weights trained with ``aux_motion_direct``, else null):
   cross-reenactment as ``cross_psnr`` but with alpha's first 14 components set to the driving
   clip's true standardised motion and the other components the source portrait's own reading
@@ -116,7 +123,7 @@ def eval_synthetic(
     frames: int = 40,
     seed: int = 1234,
     direct: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
     from training.world.motion import MOTION_FIELDS, random_motion
     from training.world.motion import as_array as motion_array
@@ -134,7 +141,7 @@ def eval_synthetic(
         clips[int(i)] = (get_identity(cfg.world, int(i)), motion)
     sp, ss, sf, cp, cs, leak, copy = [], [], [], [], [], [], []
     mouth, copy_mouth, cp_true = [], [], []
-    alphas, truths = [], []
+    alphas, truths, moves, recon = [], [], [], []
     for k, a in enumerate(clips):
         ident_a, mot_a = clips[a]
         video = to_tensor(render_frames(ident_a, mot_a, size))
@@ -147,6 +154,12 @@ def eval_synthetic(
         truths.append(motion_array(mot_r))
         sp.append(psnr(out, tgt))
         ss.append(ssim(out, tgt))
+        place = motion_array(mot_a)[
+            :, [MOTION_FIELDS.index(f) for f in ("loc_x", "loc_y", "scale")]
+        ]
+        moves.append(np.abs(place[1:] - place[:1]).sum(1))
+        h_s, feats_s = model.encode(src)
+        recon.append(psnr(model.render(h_s, feats_s, model.motion(h_s)).clamp(-1, 1), src))
         sf.append(psnr(_face_box(out), _face_box(tgt)))
         copy.append(psnr(src.expand_as(tgt), tgt))
         boxes = []
@@ -184,6 +197,19 @@ def eval_synthetic(
 
     r = readout_r(alphas, truths)
     pose = [MOTION_FIELDS.index(f) for f in ("yaw", "pitch", "roll")]
+    move = np.concatenate(moves)
+    self_frames, copy_frames = torch.cat(sp).numpy(), torch.cat(copy).numpy()
+    edges = np.quantile(move, [0.0, 0.25, 0.5, 0.75, 1.0])
+    by_move = []
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (move >= lo) & ((move < hi) if k < 3 else (move <= hi))
+        by_move.append(
+            {
+                "move": [round(float(lo), 4), round(float(hi), 4)],
+                "psnr": float(self_frames[sel].mean()),
+                "copy_psnr": float(copy_frames[sel].mean()),
+            }
+        )
     return {
         "self_psnr": mean(sp),
         "self_ssim": mean(ss),
@@ -195,6 +221,8 @@ def eval_synthetic(
         "cross_psnr_true_alpha": mean(cp_true),
         "id_leakage": mean(leak),
         "copy_psnr": mean(copy),
+        "self_psnr_by_head_move": by_move,
+        "source_recon_psnr": mean(recon),
         "alpha_pose_r": float(np.mean(r[pose])),
         "alpha_mouth_r": float(r[MOTION_FIELDS.index("mouth_open")]),
     }
