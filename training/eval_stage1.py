@@ -206,8 +206,9 @@ def eval_synthetic(
         by_move.append(
             {
                 "move": [round(float(lo), 4), round(float(hi), 4)],
-                "psnr": float(self_frames[sel].mean()),
-                "copy_psnr": float(copy_frames[sel].mean()),
+                # a bin is empty only where many frames share one movement (ties at an edge)
+                "psnr": float(self_frames[sel].mean()) if sel.any() else None,
+                "copy_psnr": float(copy_frames[sel].mean()) if sel.any() else None,
             }
         )
     return {
