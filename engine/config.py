@@ -283,6 +283,10 @@ class TrainStage1Config:
     # place, scale as drawn) with the source's face and a new mouth, so the mouth is drawn on
     # a moved head too. 0 = every mouth pair keeps the source's head.
     mouth_pairs_moved: float = 0.0
+    # this fraction of pairs is two frames of one talking clip of the synthetic world (as the
+    # paper samples source and target from one video); none of the options above touch them.
+    # 0 = off (the pairs are drawn from independent or perturbed poses, as above).
+    clip_pairs: float = 0.0
     # Encode an explicit negative frame (another identity) per item. Off: the other items of
     # the batch (distinct identities) are the negatives, and the identity branch costs less.
     negatives: bool = True

@@ -749,3 +749,29 @@ def test_self_psnr_by_head_move_bins_the_frames() -> None:
         assert b["psnr"] == pytest.approx(b["copy_psnr"], abs=1e-4)
     assert bins[0]["psnr"] > bins[-1]["psnr"]
     assert res["source_recon_psnr"] > 60
+
+
+def test_clip_pairs_are_two_frames_of_one_clip() -> None:
+    """clip_pairs = 1: each pair is two distinct frames of one talking clip of its identity
+    (replayed from the same random stream)."""
+    import numpy as np
+
+    from training.stage1_data import AUX_FIELDS, CLIP_PAIR_FRAMES, SyntheticPairs
+    from training.world import clip_motion_only
+    from training.world.motion import as_array
+
+    cfg = load_config("tiny")
+    data = SyntheticPairs(cfg.world, 32, negatives=False, avatar_sources=0.5, clip_pairs=1.0)
+    b = data.sample(np.random.default_rng(3), torch.Generator().manual_seed(0), 4)
+    assert b.gt_source is not None and b.gt_target is not None
+    rng = np.random.default_rng(3)
+    ids = rng.choice(data.ids, size=4, replace=False)
+    rng.choice(data.ids, size=4, replace=False)  # the negatives' ids
+    for k, i in enumerate(ids):
+        assert int(b.label_source[k]) == int(i)
+        rng.random()  # the clip_pairs draw
+        m = as_array(clip_motion_only(cfg.world, int(i), CLIP_PAIR_FRAMES, rng))
+        fs, ft = rng.choice(len(m), size=2, replace=False)
+        np.testing.assert_allclose(b.gt_source[k].numpy(), m[fs], atol=1e-6)
+        np.testing.assert_allclose(b.gt_target[k].numpy(), m[ft], atol=1e-6)
+    assert len(AUX_FIELDS) == m.shape[1]

@@ -205,6 +205,7 @@ class Stage1Trainer:
                 avatar_sources=t.avatar_sources,
                 mouth_pairs=t.mouth_pairs,
                 mouth_pairs_moved=t.mouth_pairs_moved,
+                clip_pairs=t.clip_pairs,
             )
         else:
             self.data = RealPairs(Path(opts.data), size)
@@ -390,6 +391,7 @@ class Stage1Trainer:
                 "mouth_pairs_moved": (
                     self.t.mouth_pairs_moved if self.opts.data == "synthetic" else 0.0
                 ),
+                "clip_pairs": self.t.clip_pairs if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
                 "seed": self.cfg.train.seed,
             },

@@ -18,6 +18,7 @@ import signal
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from training.world.motion import MOTION_FIELDS
 
 # Ground-truth motion regressed by the optional auxiliary loss (synthetic world only): all of it.
 AUX_FIELDS = MOTION_FIELDS
+# ``clip_pairs``: the length of the clip two frames are drawn from (2 s at 25 fps), about the
+# span of the eval's self-reenactment clips (source = first frame, 39 frames after it)
+CLIP_PAIR_FRAMES = 50
 
 
 @functools.lru_cache(maxsize=4)
@@ -165,6 +169,7 @@ class SyntheticPairs:
         avatar_sources: float = 0.0,
         mouth_pairs: float = 0.0,
         mouth_pairs_moved: float = 0.0,
+        clip_pairs: float = 0.0,
     ):
         """negatives: render the explicit negative frame (another identity) of each item;
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
@@ -174,7 +179,9 @@ class SyntheticPairs:
         (``neutral_motion``); a placed target then gets a pivot of its own.
         mouth_pairs: share of pairs whose target is exactly the source with a new mouth.
         mouth_pairs_moved: share of those mouth pairs that keep the target's head (pose, place,
-        scale) instead of the source's: the face as in the source, the head moved, a new mouth."""
+        scale) instead of the source's: the face as in the source, the head moved, a new mouth.
+        clip_pairs: share of pairs that are two frames of one talking clip
+        (``clip_motion_only``, CLIP_PAIR_FRAMES long); the other options do not touch them."""
         from training.world import identity as wid
 
         self.near_pairs, self.near_amount = near_pairs, near_amount
@@ -184,14 +191,58 @@ class SyntheticPairs:
         self.avatar_sources = avatar_sources
         self.mouth_pairs = mouth_pairs
         self.mouth_pairs_moved = mouth_pairs_moved
+        self.clip_pairs = clip_pairs
         self.negatives = negatives
         self.world = world
         self.size = image_size
         self.ids = wid.train_ids(world)
         self.num_classes = int(world.identities)
 
+    def _drawn_pair(self, ident: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target motion (1,) each, drawn as the pair options say."""
+        from training.world import motion
+
+        m_src = motion.random_motion(rng, 1)
+        avatar = self.avatar_sources > 0 and rng.random() < self.avatar_sources
+        if avatar:
+            m_src = motion.neutral_motion(1)
+        elif self.closed_source > 0 and rng.random() < self.closed_source:
+            # as a portrait is: the mouth closed and at rest (the target says what opens)
+            m_src["mouth_open"], m_src["mouth_round"], m_src["mouth_width"] = 0.0, 0.0, 0.5
+        if self.expression_pairs > 0 and rng.random() < self.expression_pairs:
+            # the head as in the source (a near pair's jitter), a new expression
+            amount = float(rng.uniform(0.0, self.near_amount))
+            m_tgt = motion.perturb_motion(rng, m_src, amount)
+            fresh = motion.random_motion(rng, 1)
+            for f in motion.EXPRESSION_FIELDS:
+                m_tgt[f] = fresh[f]
+        elif rng.random() < self.near_pairs:
+            # two frames of one video: a motion change of random size, down to none
+            amount = float(rng.uniform(0.0, self.near_amount))
+            m_tgt = motion.perturb_motion(rng, m_src, amount)
+        else:
+            m_tgt = motion.random_motion(rng, 1)
+        if self.placed_heads > 0 and rng.random() < self.placed_heads:
+            if avatar:  # the portrait stays as it is; the frame goes where a clip puts it
+                motion.place_like_a_clip(ident, m_tgt, rng)
+            else:
+                pivot = motion.place_like_a_clip(ident, m_src, rng)
+                motion.place_like_a_clip(ident, m_tgt, rng, pivot)
+        if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
+            # the source's face (and head, unless moved); only the mouth is new (uniform)
+            moved = self.mouth_pairs_moved > 0 and rng.random() < self.mouth_pairs_moved
+            face = m_src.copy()
+            if moved:  # the target's head as drawn above
+                for f in motion.HEAD_FIELDS:
+                    face[f] = m_tgt[f]
+            m_tgt = face
+            m_tgt["mouth_open"] = rng.uniform(0.0, 1.0)
+            m_tgt["mouth_round"] = rng.beta(1.0, 2.5)
+            m_tgt["mouth_width"] = motion.mouth_width_for(m_tgt["mouth_round"], rng)
+        return m_src, m_tgt
+
     def sample(self, rng: np.random.Generator, g: torch.Generator, batch: int) -> Stage1Batch:
-        from training.world import get_identity, motion, render_frames
+        from training.world import clip_motion_only, get_identity, motion, render_frames
         from training.world.render import face_regions
 
         src, tgt, neg, gts, gts_src, regions = [], [], [], [], [], []
@@ -201,43 +252,13 @@ class SyntheticPairs:
             if nid == i:
                 nid = self.ids[(np.searchsorted(self.ids, i) + 1) % len(self.ids)]
             ident = get_identity(self.world, int(i))
-            m_src = motion.random_motion(rng, 1)
-            avatar = self.avatar_sources > 0 and rng.random() < self.avatar_sources
-            if avatar:
-                m_src = motion.neutral_motion(1)
-            elif self.closed_source > 0 and rng.random() < self.closed_source:
-                # as a portrait is: the mouth closed and at rest (the target says what opens)
-                m_src["mouth_open"], m_src["mouth_round"], m_src["mouth_width"] = 0.0, 0.0, 0.5
-            if self.expression_pairs > 0 and rng.random() < self.expression_pairs:
-                # the head as in the source (a near pair's jitter), a new expression
-                amount = float(rng.uniform(0.0, self.near_amount))
-                m_tgt = motion.perturb_motion(rng, m_src, amount)
-                fresh = motion.random_motion(rng, 1)
-                for f in motion.EXPRESSION_FIELDS:
-                    m_tgt[f] = fresh[f]
-            elif rng.random() < self.near_pairs:
-                # two frames of one video: a motion change of random size, down to none
-                amount = float(rng.uniform(0.0, self.near_amount))
-                m_tgt = motion.perturb_motion(rng, m_src, amount)
+            if self.clip_pairs > 0 and rng.random() < self.clip_pairs:
+                # as the paper samples: two frames of one (synthetic) talking clip
+                m = clip_motion_only(self.world, int(i), CLIP_PAIR_FRAMES, rng)
+                fs, ft = rng.choice(len(m), size=2, replace=False)
+                m_src, m_tgt = m[fs : fs + 1].copy(), m[ft : ft + 1].copy()
             else:
-                m_tgt = motion.random_motion(rng, 1)
-            if self.placed_heads > 0 and rng.random() < self.placed_heads:
-                if avatar:  # the portrait stays as it is; the frame goes where a clip puts it
-                    motion.place_like_a_clip(ident, m_tgt, rng)
-                else:
-                    pivot = motion.place_like_a_clip(ident, m_src, rng)
-                    motion.place_like_a_clip(ident, m_tgt, rng, pivot)
-            if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
-                # the source's face (and head, unless moved); only the mouth is new (uniform)
-                moved = self.mouth_pairs_moved > 0 and rng.random() < self.mouth_pairs_moved
-                face = m_src.copy()
-                if moved:  # the target's head as drawn above
-                    for f in motion.HEAD_FIELDS:
-                        face[f] = m_tgt[f]
-                m_tgt = face
-                m_tgt["mouth_open"] = rng.uniform(0.0, 1.0)
-                m_tgt["mouth_round"] = rng.beta(1.0, 2.5)
-                m_tgt["mouth_width"] = motion.mouth_width_for(m_tgt["mouth_round"], rng)
+                m_src, m_tgt = self._drawn_pair(ident, rng)
             pair = render_frames(ident, np.concatenate([m_src, m_tgt]), self.size)
             src.append(pair[0])
             tgt.append(pair[1])
