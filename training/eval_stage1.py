@@ -159,7 +159,8 @@ def eval_synthetic(
         ]
         moves.append(np.abs(place[1:] - place[:1]).sum(1))
         h_s, feats_s = model.encode(src)
-        recon.append(psnr(model.render(h_s, feats_s, model.motion(h_s)).clamp(-1, 1), src))
+        alpha_s = model.motion(h_s)
+        recon.append(psnr(model.render(h_s, feats_s, alpha_s).clamp(-1, 1), src))
         sf.append(psnr(_face_box(out), _face_box(tgt)))
         copy.append(psnr(src.expand_as(tgt), tgt))
         boxes = []
@@ -178,12 +179,11 @@ def eval_synthetic(
         if direct:
             from training.stage2_data import world_motion_alpha
 
-            h_a, feats_a = model.encode(src)
             # the free components from the portrait (teacher_rest "source"): only the true
             # motion tells the output apart from the source, as in audio-driven rendering
-            rest = model.motion(h_a).expand(driving.shape[0], -1)
+            rest = alpha_s.expand(driving.shape[0], -1)
             alpha = world_motion_alpha(mot_b[1:], rest)
-            cp_true.append(psnr(model.render(h_a, feats_a, alpha).clamp(-1, 1), truth))
+            cp_true.append(psnr(model.render(h_s, feats_s, alpha).clamp(-1, 1), truth))
         cs.append(ssim(out_x, truth))
         d = (driving - truth).flatten(1)
         e = (out_x - truth).flatten(1)

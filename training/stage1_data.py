@@ -18,7 +18,7 @@ import signal
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ AUX_FIELDS = MOTION_FIELDS
 # ``clip_pairs``: the length of the clip two frames are drawn from (2 s at 25 fps), about the
 # span of the eval's self-reenactment clips (source = first frame, 39 frames after it)
 CLIP_PAIR_FRAMES = 50
+
+if TYPE_CHECKING:
+    from training.world.identity import Identity
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,7 +201,9 @@ class SyntheticPairs:
         self.ids = wid.train_ids(world)
         self.num_classes = int(world.identities)
 
-    def _drawn_pair(self, ident: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _drawn_pair(
+        self, ident: Identity, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Source and target motion (1,) each, drawn as the pair options say."""
         from training.world import motion
 
