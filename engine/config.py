@@ -60,6 +60,16 @@ class Stage1Config:
     # over the upsampled coarse image, which a 1×1 conv of full-band features cannot give: the
     # renderer rebuilt even its own source at only ~29 dB.
     detail: bool = False
+    # livehead extension (off = LIA/AniTalker; needs alpha[0:6] to be the synthetic world's
+    # standardised yaw, pitch, roll, loc_x, loc_y, scale, i.e. weights trained with
+    # train.stage1.aux_motion_direct): the head's rigid motion from the source's alpha to the
+    # target's (a similarity about the cranium's centre: place, size, roll) is computed in
+    # closed form and, at each level, the source features moved by it feed a per-pixel gate
+    # (how much of that motion a pixel takes, added to the learned flow) and the renderer's
+    # features. LIA's renderer must draw a moved, resized head's outline from a style vector on a
+    # constant; on held-out cross-reenactment it blurs large moves (model card, session 14).
+    # The gate starts half open, the injection at zero.
+    head_warp: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +251,14 @@ class TrainStage1Config:
     # mouth into the free components, and the renderer learnt to read it there and ignore the
     # true mouth component (model card, session 6).
     teacher_rest: str = "source"
+    # ... and the head's place and pose in those components (alpha[0:6]): "absolute" = the
+    # target's true values; "relative" = the true move from source to target added to the
+    # encoder's reading of the source. The encoder reads a face's place with a bias of its own
+    # (held-out faces: ~9 px in x, while a move between two frames of one face is read to
+    # ~1.5 px), and at run time stage 2 continues from the portrait's reading, so "relative" is
+    # what the renderer gets then. Needed with stage1.head_warp, whose map is the difference of
+    # source and target alpha (session 14).
+    teacher_head: str = "absolute"
     # synthetic-world accelerator: extra L1 weight (peak of a Gaussian bump) around the target's
     # mouth and, at half of it, its eyes, placed from the world's landmarks. 0 = paper L1.
     region_weight: float = 0.0

@@ -175,8 +175,13 @@ def test_aux_motion_readouts(tmp_path: Path) -> None:
 
     direct = _trainer(tmp_path, steps=0, extra=("train.stage1.aux_motion_direct=true",))
     assert isinstance(direct.aux, DirectReadout) and not list(direct.aux.parameters())
-    linear = _trainer(tmp_path, steps=0, extra=("train.stage1.aux_motion_direct=false",))
+    no_hw = "stage1.head_warp=false"
+    linear = _trainer(tmp_path, steps=0, extra=("train.stage1.aux_motion_direct=false", no_hw))
     assert isinstance(linear.aux, nn.Linear)
+    # head_warp reads alpha as the world's fields: only the direct read-out makes it so
+    for off in ("train.stage1.aux_motion_direct=false", "train.stage1.w_aux_motion=0"):
+        with pytest.raises(UserError, match="head_warp"):
+            _trainer(tmp_path, steps=0, extra=(off, "stage1.head_warp=true"))
     with pytest.raises(UserError, match="motion_dim"):
         _trainer(
             tmp_path,
@@ -394,7 +399,12 @@ def test_warm_start_from_exported_weights(
     with pytest.raises(UserError, match="another"):
         Stage1Trainer(bad, Stage1Options(run_dir=tmp_path / "c", init_from=str(w)), DistInfo())
     # the livehead renderer extensions the file lacks start at zero: the same images
-    off = ["stage1.paint=false", "stage1.inject=false", "stage1.detail=false"]
+    off = [
+        "stage1.paint=false",
+        "stage1.inject=false",
+        "stage1.detail=false",
+        "stage1.head_warp=false",
+    ]
     plain_cfg = load_config("tiny", [*SMALL, *off])
     p = Stage1Trainer(plain_cfg, Stage1Options(run_dir=tmp_path / "d", steps=1), DistInfo())
     p.fit()
@@ -551,12 +561,51 @@ def test_teacher_forcing_takes_the_free_components_from_the_chosen_frame(
         a = m.motion(h)
         free = (a[:2] if rest == "source" else a[2:])[:, teacher.shape[1] :]
         a_want = torch.cat([teacher, free], 1)
-        want = m.renderer(m.latent(h[:2], a_want), [f[:2] for f in feats], a_want)
+        want = m.renderer(m.latent(h[:2], a_want), [f[:2] for f in feats], a_want, a[:2])
         other = (a[2:] if rest == "source" else a[:2])[:, teacher.shape[1] :]
         a_not = torch.cat([teacher, other], 1)
-        not_want = m.renderer(m.latent(h[:2], a_not), [f[:2] for f in feats], a_not)
+        not_want = m.renderer(m.latent(h[:2], a_not), [f[:2] for f in feats], a_not, a[:2])
     torch.testing.assert_close(out, want)
     assert (out - not_want).abs().max() > 1e-3
+
+
+def test_relative_teacher_moves_the_head_from_the_source_reading(tmp_path: Path) -> None:
+    """teacher_head "relative": the head's pose, place and size (alpha[0:6]) of a teacher-forced
+    target are the true move from source to target added to the encoder's reading of the
+    source; the face's own fields stay the target's true ones. A bad value is a clear error."""
+    from engine.models.stage1 import HEAD_DIMS
+    from training.common import step_rngs
+
+    extra = (
+        "train.stage1.aux_motion_direct=true",
+        "train.stage1.teacher_alpha=1.0",
+        "train.stage1.renderer_only=true",
+        "train.stage1.teacher_head=relative",
+        "stage1.head_warp=true",
+    )
+    tr = _trainer(tmp_path, steps=0, extra=extra)
+    rng, g = step_rngs(0, 1, 0)
+    b = tr._to(tr.data.sample(rng, g, 2))
+    assert b.gt_target is not None and b.gt_source is not None
+    teacher = (b.gt_target - tr.aux_mean) / tr.aux_std
+    teacher_src = (b.gt_source - tr.aux_mean) / tr.aux_std
+    use = torch.ones(2, dtype=torch.bool)
+    m = tr.model
+    with torch.no_grad():
+        for p in m.renderer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        out = tr.gstep(b, teacher, use, teacher_src)["recon"]
+        absolute = tr.gstep(b, teacher, use)["recon"]
+        h, feats = m.encode(torch.cat([b.source, b.target]))
+        a = m.motion(h)
+        k = teacher.shape[1]
+        head = teacher[:, :HEAD_DIMS] - teacher_src[:, :HEAD_DIMS] + a[:2, :HEAD_DIMS]
+        a_want = torch.cat([head, teacher[:, HEAD_DIMS:], a[:2, k:]], 1)
+        want = m.renderer(m.latent(h[:2], a_want), [f[:2] for f in feats], a_want, a[:2])
+    torch.testing.assert_close(out, want)
+    assert (out - absolute).abs().max() > 1e-3
+    with pytest.raises(UserError, match="teacher_head"):
+        _trainer(tmp_path / "bad", steps=0, extra=("train.stage1.teacher_head=both",))
 
 
 def test_teacher_rest_must_be_source_or_target(tmp_path: Path) -> None:

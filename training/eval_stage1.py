@@ -32,6 +32,9 @@ Metrics (all on held-out identities, which training never sees):
   renderer's share of the error without the encoder's, i.e. what rendering gets when the
   motion fields are exactly right and nothing else of the driver is given; what stage 2
   trained with ``world_alpha`` is trained to produce.
+  For weights trained with ``train.stage1.teacher_head = "relative"`` the head's pose, place
+  and size there (and in ``drawn_*``) are the true move from the source frame added to the
+  encoder's reading of the source, as the renderer was trained to take them.
 - ``alpha_pose_r``, ``alpha_mouth_r``: how much of the world's motion alpha carries. Each
   held-out identity is drawn in ``frames`` independent random poses/expressions; a
   least-squares linear read-out of alpha (+ bias) onto the ground-truth fields is fitted on half
@@ -123,6 +126,7 @@ def eval_synthetic(
     frames: int = 40,
     seed: int = 1234,
     direct: bool = False,
+    relative: bool = False,
 ) -> dict[str, Any]:
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
     from training.world.motion import MOTION_FIELDS, random_motion
@@ -182,7 +186,8 @@ def eval_synthetic(
             # the free components from the portrait (teacher_rest "source"): only the true
             # motion tells the output apart from the source, as in audio-driven rendering
             rest = alpha_s.expand(driving.shape[0], -1)
-            alpha = world_motion_alpha(mot_b[1:], rest)
+            rel = (mot_a[:1], alpha_s) if relative else None
+            alpha = world_motion_alpha(mot_b[1:], rest, rel)
             cp_true.append(psnr(model.render(h_s, feats_s, alpha).clamp(-1, 1), truth))
         cs.append(ssim(out_x, truth))
         d = (driving - truth).flatten(1)
@@ -231,7 +236,13 @@ def eval_synthetic(
 
 @torch.no_grad()
 def eval_drawn(
-    model: Stage1Model, cfg: Config, probe: Probe, n_ids: int, frames: int, seed: int
+    model: Stage1Model,
+    cfg: Config,
+    probe: Probe,
+    n_ids: int,
+    frames: int,
+    seed: int,
+    relative: bool = False,
 ) -> dict[str, float]:
     """``drawn_*`` (module docstring): true motion of clip-placed heads rendered on each
     held-out portrait, read by the probe next to the world's frames of the same motion."""
@@ -247,7 +258,9 @@ def eval_drawn(
         h, feats = model.encode(to_tensor(render_frames(ident, neutral_motion(1), size)))
         motion = random_motion(rng, frames)
         place_like_a_clip(ident, motion, rng)
-        alpha = world_motion_alpha(motion, model.motion(h).expand(frames, -1))
+        own = model.motion(h)
+        rel = (neutral_motion(1), own) if relative else None
+        alpha = world_motion_alpha(motion, own.expand(frames, -1), rel)
         out = probe_read(probe, model.render(h, feats, alpha).clamp(-1, 1))
         truth = probe_read(probe, to_tensor(render_frames(ident, motion, size)))
         pose_err.append(np.abs(out[:, 1:4] - truth[:, 1:4]).mean() * 90.0)
@@ -323,11 +336,13 @@ def evaluate(
     res: dict[str, Any] = {"checkpoint": str(checkpoint or "bundled"), "config": cfg.name}
     res.update(meta=meta)
     direct = bool(meta.get("aux_motion_direct"))
-    res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames, direct=direct))
+    # the true motion given as the renderer was trained to take it (train.stage1.teacher_head)
+    rel = cfg.train.stage1.teacher_head == "relative"
+    res.update(eval_synthetic(model, cfg, n_ids=n_ids, frames=frames, direct=direct, relative=rel))
     drawn = dict.fromkeys(("drawn_pose_err_deg", "drawn_mouth_r", "drawn_mouth_gain"), math.nan)
     if direct and probe_path.is_file():
         probe, _ = load_probe(probe_path)
-        drawn = eval_drawn(model, cfg, probe, n_ids, frames, seed=4321)
+        drawn = eval_drawn(model, cfg, probe, n_ids, frames, seed=4321, relative=rel)
     res.update(drawn)
     if real:
         res.update(eval_real(model, cfg, REAL_VIDEO_DIR, frames=frames))

@@ -161,10 +161,13 @@ def evaluate(
     drift_minutes: float = 10.0,
     steps: int | None = None,
     world_alpha: bool = False,
+    relative: bool = False,
 ) -> dict[str, Any]:
     """world_alpha: stage 2 was trained on the world's true motion in alpha's first components
     (``train.stage2.world_alpha``); the motion-space read-out is then fitted on that alpha, and
-    ``reenact_lipsync_r_true_alpha`` renders it."""
+    ``reenact_lipsync_r_true_alpha`` renders it. relative: stage 1 takes the head's pose, place
+    and size relative to the portrait's reading (``train.stage1.teacher_head``); that rendering
+    then gives them so."""
     from training.world import get_identity, heldout_ids, make_clip, neutral_motion, render_frames
 
     gen = Generator(s1, s2, cfg, steps)
@@ -191,7 +194,9 @@ def evaluate(
         if world_alpha:
             # the world's motion, the free components the portrait's own (as the renderer and
             # stage 2 are trained; each frame's reading there would carry that frame's face)
-            a_true = world_motion_alpha(clip.motion, ref_alpha.reshape(1, -1).expand_as(a_true))
+            ref = ref_alpha.reshape(1, -1)
+            rel = (neutral_motion(1), ref) if relative else None
+            a_true = world_motion_alpha(clip.motion, ref.expand_as(a_true), rel)
             reenact_true.append(probe_read(probe, gen.frames(h, feats, a_true))[: len(gt), 0])
         alpha_true.append(a_true[: len(gt)].double().numpy())
         alphas = []
@@ -315,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         args.seeds,
         args.drift_minutes,
         world_alpha=bool(meta.get("world_alpha")),
+        relative=cfg1.train.stage1.teacher_head == "relative",
     )
     res["noise_scale"] = cfg.stage2.noise_scale
     res["control_guidance"] = cfg.stage2.control_guidance

@@ -32,7 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.config import Config, TrainStage1Config, add_config_args, load_config
 from engine.errors import UserError
-from engine.models.stage1 import CLUB, ArcMarginProduct, Discriminator, Stage1Model
+from engine.models.stage1 import (
+    CLUB,
+    HEAD_DIMS,
+    ArcMarginProduct,
+    Discriminator,
+    Stage1Model,
+)
 from engine.weights import save_weights
 from training.common import (
     EMA,
@@ -96,10 +102,17 @@ class GeneratorStep(nn.Module):
         self.teacher_rest = teacher_rest
 
     def forward(
-        self, b: Stage1Batch, teacher: torch.Tensor | None = None, use: torch.Tensor | None = None
+        self,
+        b: Stage1Batch,
+        teacher: torch.Tensor | None = None,
+        use: torch.Tensor | None = None,
+        teacher_src: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """teacher (B, k) / use (B,) bool: render item i with alpha's first k components set to
-        teacher[i] where use[i] (flagged teacher forcing; None: the encoder's alpha)."""
+        teacher[i] where use[i] (flagged teacher forcing; None: the encoder's alpha).
+        teacher_src (B, k): the source's true values; given, the head's place and pose
+        (``HEAD_DIMS`` components) become teacher - teacher_src + the encoder's source reading
+        (``train.stage1.teacher_head = "relative"``)."""
         use_neg = b.negative is not None
         extra = b.augmented if b.negative is None else torch.cat([b.augmented, b.negative])
         render_alpha = None
@@ -108,7 +121,11 @@ class GeneratorStep(nn.Module):
             rest_from_source = self.teacher_rest == "source"
 
             def render_alpha(a: torch.Tensor, a_src: torch.Tensor) -> torch.Tensor:
-                head = torch.where(use[:, None], teacher.to(a.dtype), a[:, :k])
+                forced = teacher.to(a.dtype)
+                if teacher_src is not None:
+                    moved = forced[:, :HEAD_DIMS] - teacher_src[:, :HEAD_DIMS].to(a.dtype)
+                    forced = torch.cat([moved + a_src[:, :HEAD_DIMS], forced[:, HEAD_DIMS:]], 1)
+                head = torch.where(use[:, None], forced, a[:, :k])
                 rest = a[:, k:]
                 if rest_from_source:
                     rest = torch.where(use[:, None], a_src[:, k:].to(a.dtype), rest)
@@ -159,7 +176,7 @@ class GeneratorStep(nn.Module):
         if render_alpha is not None:
             alpha = render_alpha(alpha, both[:n])
         recon, _, masks = m.renderer.forward_aux(
-            m.latent(h[:n], alpha), [f[:n] for f in feats], alpha
+            m.latent(h[:n], alpha), [f[:n] for f in feats], alpha, both[:n]
         )
         return {
             "recon": recon,
@@ -219,6 +236,13 @@ class Stage1Trainer:
             cfg.stage1.latent_dim, self.data.num_classes, t.aam_margin, t.aam_scale
         ).to(dev)
         use_aux = t.w_aux_motion > 0 and isinstance(self.data, SyntheticPairs)
+        if cfg.stage1.head_warp and not (use_aux and t.aux_motion_direct):
+            raise UserError(
+                "stage1.head_warp reads alpha[0:6] as the synthetic world's head pose, place "
+                "and size, which only train.stage1.aux_motion_direct (with w_aux_motion > 0, "
+                "synthetic data) teaches; for real data or the paper recipe "
+                "--set stage1.head_warp=false"
+            )
         self.aux: nn.Module | None = None
         if use_aux and t.aux_motion_direct:
             if cfg.stage1.motion_dim < len(AUX_FIELDS):
@@ -247,6 +271,11 @@ class Stage1Trainer:
                 part.requires_grad_(False)
             if self.aux is not None:
                 self.aux.requires_grad_(False)
+        if t.teacher_head not in ("absolute", "relative"):
+            raise UserError(
+                "train.stage1.teacher_head must be 'absolute' or 'relative', "
+                f"got '{t.teacher_head}'"
+            )
         if t.teacher_rest not in ("source", "target"):
             raise UserError(
                 f"train.stage1.teacher_rest must be 'source' or 'target', got '{t.teacher_rest}'"
@@ -288,13 +317,22 @@ class Stage1Trainer:
         tensors, saved, meta = load_weights(path, "stage1")
         own = self.cfg.stage1
         same = dataclasses.replace(
-            saved.stage1, paint=own.paint, inject=own.inject, detail=own.detail
+            saved.stage1,
+            paint=own.paint,
+            inject=own.inject,
+            detail=own.detail,
+            head_warp=own.head_warp,
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
         # renderer extensions the file lacks keep their fresh init (zero where it matters):
         # the same output as the file's model
-        marks = {"paint": ".paint.", "inject": ".injects.", "detail": ".detail."}
+        marks = {
+            "paint": ".paint.",
+            "inject": ".injects.",
+            "detail": ".detail.",
+            "head_warp": ".head_warps.",
+        }
         new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
         fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
         tensors = {**fresh, **tensors}
@@ -379,6 +417,7 @@ class Stage1Trainer:
                 if isinstance(self.aux, DirectReadout)
                 else 0.0,
                 "teacher_rest": self.t.teacher_rest,
+                "teacher_head": self.t.teacher_head,
                 "region_weight": self.t.region_weight if self.opts.data == "synthetic" else 0.0,
                 "renderer_only": self.t.renderer_only,
                 "closed_source": self.t.closed_source if self.opts.data == "synthetic" else 0.0,
@@ -439,7 +478,7 @@ class Stage1Trainer:
         self.disc.requires_grad_(False)
         self.club.requires_grad_(False)
         with self._autocast():
-            teacher = use = true = None
+            teacher = use = true = teacher_src = None
             if self.aux is not None and b.gt_target is not None:
                 # standardised true motion of target and, if known, source (the aux targets)
                 gts = [b.gt_target] + ([b.gt_source] if b.gt_source is not None else [])
@@ -447,10 +486,17 @@ class Stage1Trainer:
                 if isinstance(self.aux, DirectReadout) and t.teacher_alpha > 0:
                     # flagged accelerator: some items render with the true motion in alpha
                     teacher = true[: b.gt_target.shape[0]]
+                    if t.teacher_head == "relative":
+                        if b.gt_source is None:
+                            raise UserError(
+                                "train.stage1.teacher_head = 'relative' needs the source's "
+                                "true motion (synthetic data)"
+                            )
+                        teacher_src = true[b.gt_target.shape[0] :]
                     use = torch.rand(teacher.shape[0], generator=g).to(teacher.device)
                     use = use < t.teacher_alpha
                     logs["teacher_frac"] = float(use.float().mean())
-            out = self.gstep(b, teacher, use)
+            out = self.gstep(b, teacher, use, teacher_src)
             recon = out["recon"].float()
             err = (recon - b.target).abs()
             l1 = err.mean()

@@ -55,9 +55,19 @@ def encode_frames(model: Stage1Model, frames: np.ndarray, batch: int = 16):
     return torch.cat(hs), torch.cat(alphas)
 
 
-def world_motion_alpha(motion: np.ndarray, alpha: torch.Tensor) -> torch.Tensor:
+def world_motion_alpha(
+    motion: np.ndarray,
+    alpha: torch.Tensor,
+    relative_to: tuple[np.ndarray, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(T,) MOTION_DTYPE + the encoder's alpha (T, motion_dim) -> alpha with its first 14
-    components replaced by the standardised motion (the stage-1 aux read-out's units)."""
+    components replaced by the standardised motion (the stage-1 aux read-out's units).
+
+    relative_to (ref_motion (1,) MOTION_DTYPE, ref_alpha (1, motion_dim)): the head's pose,
+    place and size (alpha[0:6]) become the true move from ref_motion added to ref_alpha's
+    reading, as a stage 1 trained with ``train.stage1.teacher_head = "relative"`` was given
+    them (the source frame or portrait as the reference)."""
+    from engine.models.stage1 import HEAD_DIMS
     from training.stage1_data import aux_stats
     from training.world.motion import as_array
 
@@ -65,6 +75,11 @@ def world_motion_alpha(motion: np.ndarray, alpha: torch.Tensor) -> torch.Tensor:
     true = torch.from_numpy((as_array(motion) - mean) / std).to(alpha.dtype)
     if alpha.shape[1] < true.shape[1] or len(true) != len(alpha):
         raise UserError("world_alpha: alpha and the clip's motion do not match")
+    if relative_to is not None:
+        ref_motion, ref_alpha = relative_to
+        ref = torch.from_numpy((as_array(ref_motion) - mean) / std).to(alpha.dtype)
+        head = true[:, :HEAD_DIMS] - ref[:, :HEAD_DIMS] + ref_alpha[:, :HEAD_DIMS].to(alpha.dtype)
+        true = torch.cat([head, true[:, HEAD_DIMS:]], dim=1)
     return torch.cat([true, alpha[:, true.shape[1] :]], dim=1)
 
 

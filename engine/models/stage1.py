@@ -27,15 +27,15 @@ Parameter counts (``Stage1Model.param_counts``; tiny = configs/tiny.toml):
     identity_head              525,312    131,584  512->512->512
     motion_head              1,586,196    399,892  MLP 512->512->512, 4×(512->512), 512->20
     lmd                         10,240      5,120  512×20 (+ a frozen-Q buffer, not a param)
-    renderer (G)            22,407,972  3,072,532  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
+    renderer (G)            22,407,972  3,160,906  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
     ----------------------  ----------  ---------  ----------------------------------------------
-    Stage1Model total       46,396,288  6,601,848  what ``Stage1Model`` holds
+    Stage1Model total       46,396,288  6,690,222  what ``Stage1Model`` holds
     CLUB (separate module)     787,968    197,376  512->512 trunk, mean and log-var heads
-    Stage1Model + CLUB      47,184,256  6,799,224  paper: +0.6 % vs AniTalker's 46.9 M
+    Stage1Model + CLUB      47,184,256  6,887,598  paper: +0.6 % vs AniTalker's 46.9 M
     ======================  ==========  =========  ==============================================
 
-The tiny renderer holds the livehead extensions ``paint``, ``inject`` and ``detail`` (187,280 of
-its parameters; off in the paper config, see ``Stage1Config``).
+The tiny renderer holds the livehead extensions ``paint``, ``inject``, ``detail`` (187,280 of
+its parameters) and ``head_warp`` (88,374); all off in the paper config, see ``Stage1Config``.
 
 AniTalker's "46.9 M" is the parameter count of its ``Generator`` (46,923,173 with the official
 code): it holds E, HAL, the decoupling MLPs, the 5 motion linears, LMD and G, *and* the CLUB
@@ -171,6 +171,121 @@ def warp(feat: Tensor, offset: Tensor, grid: Tensor) -> Tensor:
     """
     g = grid + offset.permute(0, 2, 3, 1)
     return F.grid_sample(feat, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# The synthetic world's conventions that ``stage1.head_warp`` reads alpha with (checked against
+# training/stage1_data.aux_stats and the world's rigs by tests/test_head_warp.py): alpha[0:6]
+# = (field - mean) / std for yaw, pitch, roll (degrees/90), loc_x, loc_y (the nose tip, image
+# coords in [-1, 1]) and scale (brow-to-chin height / image height).
+HEAD_FIELD_MEAN = (0.000986, 0.000110, -0.000330, 0.000613, 0.119308, 0.359783)
+HEAD_FIELD_STD = (0.148072, 0.069854, 0.050353, 0.069548, 0.050033, 0.034789)
+HEAD_DIMS = len(HEAD_FIELD_MEAN)  # alpha[0:6]: the head's pose, place and size
+# Mean over identities of the nose tip (head-local, head units, the cranium's centre at the
+# origin; x right, y up, z towards the camera) and of the brow-to-chin distance.
+HEAD_NOSE_TIP = (0.0, -0.3473, 0.9518)
+HEAD_BROW_CHIN = 1.4297
+
+
+def head_centre(fields: Tensor) -> Tensor:
+    """(B, 6) yaw, pitch, roll, loc_x, loc_y, scale -> (B, 2) where the cranium's centre is
+    drawn (image coords in [-1, 1]): the nose tip minus the rotated nose vector, as the world
+    places heads (yaw, then pitch, then roll)."""
+    ang = fields[:, :3] * (math.pi / 2)
+    cy, sy = torch.cos(ang[:, 0]), torch.sin(ang[:, 0])
+    cp, sp = torch.cos(ang[:, 1]), torch.sin(ang[:, 1])
+    cr, sr = torch.cos(ang[:, 2]), torch.sin(ang[:, 2])
+    vx, vy, vz = (-v for v in HEAD_NOSE_TIP)  # centre - tip; vx = 0
+    a = sy * vz + cy * vx  # R_yaw · v
+    b0 = vy
+    c0 = -sy * vx + cy * vz
+    b = cp * b0 + sp * c0  # R_pitch ·
+    dx = cr * a - sr * b  # R_roll ·
+    dy = sr * a + cr * b
+    k = 2.0 * fields[:, 5] / HEAD_BROW_CHIN  # image units per head unit
+    return torch.stack([fields[:, 3] + k * dx, fields[:, 4] - k * dy], dim=1)
+
+
+def head_similarity(alpha_src: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The head's rigid motion as a backward map, target pixel p -> source point A·p + t.
+
+    alpha_src: (1 or B, motion_dim) the source's motion; alpha: (B, motion_dim) the target's.
+    Returns A (B, 2, 2), t (B, 2), float32, in grid units (align_corners=False, x right,
+    y down): scale by the sizes' ratio and rotation by the roll difference about the two
+    cranium centres.
+    """
+    mean = alpha.new_tensor(HEAD_FIELD_MEAN, dtype=torch.float32)
+    std = alpha.new_tensor(HEAD_FIELD_STD, dtype=torch.float32)
+    fs = alpha_src[:, :6].float() * std + mean
+    ft = alpha[:, :6].float() * std + mean
+    fs = fs.expand_as(ft)
+    cs, ct = head_centre(fs), head_centre(ft)
+    # sizes far outside the world's (0.2-0.6) only come from a wild alpha: keep the map finite
+    k = fs[:, 5].clamp(0.05, 2.0) / ft[:, 5].clamp(0.05, 2.0)
+    th = (ft[:, 2] - fs[:, 2]) * (math.pi / 2)
+    c, s = torch.cos(th) * k, torch.sin(th) * k
+    a = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)  # (B, 2, 2)
+    t = cs - (a @ ct.unsqueeze(2)).squeeze(2)
+    return a, t
+
+
+def head_offset(a: Tensor, t: Tensor, grid: Tensor) -> Tensor:
+    """The similarity (``head_similarity``) at one level: grid (1, r, r, 2) -> offset
+    (B, 2, r, r) in ``warp``'s units (source point minus pixel)."""
+    r = grid.shape[1]
+    p = grid.reshape(1, r * r, 2)
+    q = p @ a.transpose(1, 2) + t.unsqueeze(1)  # (B, r*r, 2)
+    return (q - p).transpose(1, 2).reshape(-1, 2, r, r)
+
+
+class HeadWarp(nn.Module):
+    """livehead extension (``stage1.head_warp``), one per level: the source features moved by
+    the head's rigid motion, M = warp(F_r, offset_head), are added to the renderer's features
+    through a 1×1 conv (zero at init) and give a per-pixel gate g = sigmoid(10·(W·M + V·x + b)
+    + up(previous level's logit)); the flow becomes the learned offset + g · offset_head. Where
+    the source's head lands, g can open from the moved features alone: the renderer no longer
+    has to draw the head's new outline from a style vector.
+
+    W, V and b start at zero, so the gate starts half open everywhere; the factor 10 is a
+    learning-rate multiplier (Adam moves a parameter by about lr a step whatever its gradient):
+    with a gate that started nearly shut (b = -5, no multiplier) it had not moved after 600 CPU
+    steps of 8 (session 14)."""
+
+    GATE_LR_MUL = 10.0
+
+    def __init__(self, channels: int, blur_kernel: list[int]) -> None:
+        super().__init__()
+        self.inject = EqualConv2d(channels, channels, 1, bias=False)
+        nn.init.zeros_(self.inject.weight)
+        self.gate_moved = EqualConv2d(channels, 1, 1)
+        nn.init.zeros_(self.gate_moved.weight)
+        self.gate_x = EqualConv2d(channels, 1, 1, bias=False)
+        nn.init.zeros_(self.gate_x.weight)
+        self.upsample = Upsample(blur_kernel)
+
+    def forward(
+        self, x: Tensor, feat: Tensor, offset: Tensor, grid: Tensor, skip: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, C, r, r) renderer features; feat: (1 or B, C, r, r) source features; offset:
+        (B, 2, r, r) from ``head_offset``; skip: the previous level's gate logit or None.
+
+        Returns x (B, C, r, r) with the moved features added (x's dtype and layout), the gated
+        offset g·offset (B, 2, r, r) float32 and the gate logit (B, 1, r, r) float32."""
+        with fp32_region(x.device.type):
+            f = feat.float().expand(x.shape[0], -1, -1, -1)
+            moved = warp(f, offset, grid)
+            w = self.gate_moved.weight[:, :, 0, 0] * self.gate_moved.scale
+            logit = pointwise(moved, w) + pointwise(
+                x.float(), self.gate_x.weight[:, :, 0, 0] * self.gate_x.scale
+            )
+            assert self.gate_moved.bias is not None
+            logit = (logit + self.gate_moved.bias.reshape(1, 1, 1, 1)) * self.GATE_LR_MUL
+            if skip is not None:
+                logit = logit + self.upsample(skip)
+            gated = torch.sigmoid(logit) * offset
+        y = pointwise(moved.to(x.dtype), self.inject.weight[:, :, 0, 0] * self.inject.scale)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)
+        return x + y.to(x.dtype), gated, logit
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,10 +455,17 @@ class ToFlow(nn.Module):
         self.upsample = Upsample(blur_kernel)
 
     def forward(
-        self, x: Tensor, style: Tensor, feat: Tensor, grid: Tensor, skip: Tensor | None
+        self,
+        x: Tensor,
+        style: Tensor,
+        feat: Tensor,
+        grid: Tensor,
+        skip: Tensor | None,
+        extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, C, r, r) decoder features; style: (B, latent); feat: (B or 1, C, r, r) encoder
-        features; grid: (1, r, r, 2); skip: (B, 3, r/2, r/2) previous level's raw output or None.
+        features; grid: (1, r, r, 2); skip: (B, 3, r/2, r/2) previous level's raw output or None;
+        extra: (B, 2, r, r) an offset added to the learned one (``HeadWarp``'s) or None.
 
         Returns fw (B, C, r, r) warped·masked features, x_next (B, C, r, r), raw (B, 3, r, r)
         (pre-activation flow/mask logits, the next level's skip). All float32.
@@ -353,6 +475,8 @@ class ToFlow(nn.Module):
             if skip is not None:
                 raw = raw + self.upsample(skip)
             offset, mask = flow_and_mask(raw)
+            if extra is not None:
+                offset = offset + extra
             feat = feat.float().expand(x.shape[0], -1, -1, -1)
             warped = warp(feat, offset, grid)  # NCHW whatever the input layout
             fw = warped * mask
@@ -480,9 +604,12 @@ class Renderer(nn.Module):
         self.to_flows = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
         self.injects = nn.ModuleList() if cfg.inject else None
+        self.head_warps = nn.ModuleList() if cfg.head_warp else None
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             if self.injects is not None:
                 self.injects.append(Inject(b, cfg.motion_dim, max(b, 16)))
+            if self.head_warps is not None:
+                self.head_warps.append(HeadWarp(b, bk))
             self.up_convs.append(StyledConv(a, b, 3, L, upsample=True, blur_kernel=bk))
             self.convs.append(StyledConv(b, b, 3, L, blur_kernel=bk))
             self.to_flows.append(ToFlow(b, L, bk))
@@ -497,33 +624,56 @@ class Renderer(nn.Module):
         """Identity grids (1, r, r, 2) for r = 8..S."""
         return [self.get_buffer(f"grid_{r}").unsqueeze(0) for r in self.sizes[1:]]
 
-    def forward(self, latent: Tensor, feats: list[Tensor], alpha: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        latent: Tensor,
+        feats: list[Tensor],
+        alpha: Tensor | None = None,
+        alpha_src: Tensor | None = None,
+    ) -> Tensor:
         """latent: (B, latent_dim); feats: pyramid 8²..S² from ImageEncoder, batch 1 (broadcast
         to all B latents: one source, many frames) or B; alpha: (B, motion_dim), the motion the
-        latent holds (needed with ``inject``, unused otherwise).
+        latent holds (needed with ``inject`` or ``head_warp``, unused otherwise); alpha_src:
+        (1 or B, motion_dim), the source's own motion (needed with ``head_warp``).
 
         Returns (B, 3, S, S) float32 in [-1, 1].
         """
-        return self._run(latent, feats, alpha, collect=False)[0]
+        return self._run(latent, feats, alpha, alpha_src, collect=False)[0]
 
     def forward_aux(
-        self, latent: Tensor, feats: list[Tensor], alpha: Tensor | None = None
+        self,
+        latent: Tensor,
+        feats: list[Tensor],
+        alpha: Tensor | None = None,
+        alpha_src: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """As ``forward``, also returning per level the offsets (B, 2, r, r) (normalised units,
         2/r per pixel) and masks (B, 1, r, r) in (0, 1), for losses and visualisation."""
-        return self._run(latent, feats, alpha, collect=True)
+        return self._run(latent, feats, alpha, alpha_src, collect=True)
 
     def _run(
-        self, latent: Tensor, feats: list[Tensor], alpha: Tensor | None, collect: bool
+        self,
+        latent: Tensor,
+        feats: list[Tensor],
+        alpha: Tensor | None,
+        alpha_src: Tensor | None,
+        collect: bool,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         if len(feats) != len(self.to_flows):
             raise ValueError(f"renderer needs {len(self.to_flows)} feature maps, got {len(feats)}")
         if self.injects is not None and alpha is None:
             raise ValueError("a renderer with stage1.inject needs the motion vector alpha")
+        sim: tuple[Tensor, Tensor] | None = None
+        if self.head_warps is not None:
+            if alpha is None or alpha_src is None:
+                raise ValueError("a renderer with stage1.head_warp needs alpha and alpha_src")
+            with fp32_region(latent.device.type):
+                sim = head_similarity(alpha_src, alpha)
         b = latent.shape[0]
         x = self.conv1(self.input(b), latent)
         rgb: Tensor | None = None
         raw: Tensor | None = None
+        gate: Tensor | None = None
         offsets: list[Tensor] = []
         masks: list[Tensor] = []
         for i, (up, conv, to_flow, to_rgb, feat, grid) in enumerate(
@@ -533,13 +683,17 @@ class Renderer(nn.Module):
             if self.injects is not None:
                 assert alpha is not None
                 x = self.injects[i](x, feat, alpha)
-            fw, x_next, raw = to_flow(x, latent, feat, grid, raw)
+            extra: Tensor | None = None
+            if self.head_warps is not None:
+                assert sim is not None
+                x, extra, gate = self.head_warps[i](x, feat, head_offset(*sim, grid), grid, gate)
+            fw, x_next, raw = to_flow(x, latent, feat, grid, raw, extra)
             # x·(1-m) = x_next - fw: what the renderer itself holds where the source is masked
             rgb = to_rgb(fw, rgb, x_next - fw if self.paint else None)
             x = x_next
             if collect:
                 offset, mask = flow_and_mask(raw)
-                offsets.append(offset)
+                offsets.append(offset if extra is None else offset + extra)
                 masks.append(mask)
         assert rgb is not None
         return fast_tanh(rgb), offsets, masks
@@ -611,7 +765,8 @@ class Stage1Model(nn.Module):
 
     def render(self, h_src: Tensor, feats_src: list[Tensor], alpha: Tensor) -> Tensor:
         """Source code + pyramid (batch 1 or B) and B motion vectors -> (B, 3, S, S) in [-1, 1]."""
-        return self.renderer(self.latent(h_src, alpha), feats_src, alpha)
+        alpha_src = self.motion(h_src) if self.cfg.head_warp else None
+        return self.renderer(self.latent(h_src, alpha), feats_src, alpha, alpha_src)
 
     def forward(
         self,
@@ -634,7 +789,7 @@ class Stage1Model(nn.Module):
         if render_alpha is not None:
             alpha_r = render_alpha(alpha_r, alpha[:b])
         recon, _, masks = self.renderer.forward_aux(
-            self.latent(h[:b], alpha_r), [f[:b] for f in feats], alpha_r
+            self.latent(h[:b], alpha_r), [f[:b] for f in feats], alpha_r, alpha[:b]
         )
         has_extra = extra is not None
         return Stage1Output(
