@@ -32,13 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.config import Config, TrainStage1Config, add_config_args, load_config
 from engine.errors import UserError
-from engine.models.stage1 import (
-    CLUB,
-    HEAD_DIMS,
-    ArcMarginProduct,
-    Discriminator,
-    Stage1Model,
-)
+from engine.models.stage1 import CLUB, ArcMarginProduct, Discriminator, Stage1Model
 from engine.weights import save_weights
 from training.common import (
     EMA,
@@ -65,6 +59,7 @@ from training.stage1_data import (
     SyntheticPairs,
     aux_stats,
     region_weights,
+    relative_head,
     step_loader,
 )
 
@@ -111,8 +106,8 @@ class GeneratorStep(nn.Module):
         """teacher (B, k) / use (B,) bool: render item i with alpha's first k components set to
         teacher[i] where use[i] (flagged teacher forcing; None: the encoder's alpha).
         teacher_src (B, k): the source's true values; given, the head's place and pose
-        (``HEAD_DIMS`` components) become teacher - teacher_src + the encoder's source reading
-        (``train.stage1.teacher_head = "relative"``)."""
+        become teacher - teacher_src + the encoder's source reading (``relative_head``,
+        ``train.stage1.teacher_head = "relative"``)."""
         use_neg = b.negative is not None
         extra = b.augmented if b.negative is None else torch.cat([b.augmented, b.negative])
         render_alpha = None
@@ -123,8 +118,7 @@ class GeneratorStep(nn.Module):
             def render_alpha(a: torch.Tensor, a_src: torch.Tensor) -> torch.Tensor:
                 forced = teacher.to(a.dtype)
                 if teacher_src is not None:
-                    moved = forced[:, :HEAD_DIMS] - teacher_src[:, :HEAD_DIMS].to(a.dtype)
-                    forced = torch.cat([moved + a_src[:, :HEAD_DIMS], forced[:, HEAD_DIMS:]], 1)
+                    forced = relative_head(forced, teacher_src, a_src)
                 head = torch.where(use[:, None], forced, a[:, :k])
                 rest = a[:, k:]
                 if rest_from_source:
@@ -487,11 +481,8 @@ class Stage1Trainer:
                     # flagged accelerator: some items render with the true motion in alpha
                     teacher = true[: b.gt_target.shape[0]]
                     if t.teacher_head == "relative":
-                        if b.gt_source is None:
-                            raise UserError(
-                                "train.stage1.teacher_head = 'relative' needs the source's "
-                                "true motion (synthetic data)"
-                            )
+                        # synthetic pairs always carry the source's truth (true's second half)
+                        assert b.gt_source is not None
                         teacher_src = true[b.gt_target.shape[0] :]
                     use = torch.rand(teacher.shape[0], generator=g).to(teacher.device)
                     use = use < t.teacher_alpha

@@ -54,6 +54,20 @@ def aux_stats(n: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
+def relative_head(
+    true: torch.Tensor, true_ref: torch.Tensor, alpha_ref: torch.Tensor
+) -> torch.Tensor:
+    """``train.stage1.teacher_head = "relative"``: standardised true motion (B, k) with the
+    head's pose, place and size (its first ``HEAD_DIMS``) replaced by the true move from a
+    reference (true_ref, (1 or B, k)) added to the encoder's reading of that reference
+    (alpha_ref, (1 or B, >= HEAD_DIMS)). In true's dtype."""
+    from engine.models.stage1 import HEAD_DIMS
+
+    d = HEAD_DIMS
+    head = true[:, :d] - true_ref[:, :d].to(true.dtype) + alpha_ref[:, :d].to(true.dtype)
+    return torch.cat([head, true[:, d:]], dim=1)
+
+
 class DirectReadout(torch.nn.Module):
     """The auxiliary read-out with no weights: alpha's first ``k`` components *are* the
     standardised motion fields. A learned linear read-out lets the encoder carry a field in a

@@ -67,8 +67,7 @@ def world_motion_alpha(
     place and size (alpha[0:6]) become the true move from ref_motion added to ref_alpha's
     reading, as a stage 1 trained with ``train.stage1.teacher_head = "relative"`` was given
     them (the source frame or portrait as the reference)."""
-    from engine.models.stage1 import HEAD_DIMS
-    from training.stage1_data import aux_stats
+    from training.stage1_data import aux_stats, relative_head
     from training.world.motion import as_array
 
     mean, std = aux_stats()
@@ -77,9 +76,8 @@ def world_motion_alpha(
         raise UserError("world_alpha: alpha and the clip's motion do not match")
     if relative_to is not None:
         ref_motion, ref_alpha = relative_to
-        ref = torch.from_numpy((as_array(ref_motion) - mean) / std).to(alpha.dtype)
-        head = true[:, :HEAD_DIMS] - ref[:, :HEAD_DIMS] + ref_alpha[:, :HEAD_DIMS].to(alpha.dtype)
-        true = torch.cat([head, true[:, HEAD_DIMS:]], dim=1)
+        ref = torch.from_numpy((as_array(ref_motion) - mean) / std)
+        true = relative_head(true, ref, ref_alpha)
     return torch.cat([true, alpha[:, true.shape[1] :]], dim=1)
 
 

@@ -215,8 +215,8 @@ def head_similarity(alpha_src: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     """
     mean = alpha.new_tensor(HEAD_FIELD_MEAN, dtype=torch.float32)
     std = alpha.new_tensor(HEAD_FIELD_STD, dtype=torch.float32)
-    fs = alpha_src[:, :6].float() * std + mean
-    ft = alpha[:, :6].float() * std + mean
+    fs = alpha_src[:, :HEAD_DIMS].float() * std + mean
+    ft = alpha[:, :HEAD_DIMS].float() * std + mean
     fs = fs.expand_as(ft)
     cs, ct = head_centre(fs), head_centre(ft)
     # sizes far outside the world's (0.2-0.6) only come from a wild alpha: keep the map finite
