@@ -70,6 +70,15 @@ class Stage1Config:
     # constant; on held-out cross-reenactment it blurs large moves (model card, session 14).
     # The gate starts half open, the injection at zero.
     head_warp: bool = False
+    # livehead extension (off = LIA/AniTalker; synthetic world only, like head_warp): a small
+    # CNN of its own (``HeadReader``) that reads the head's absolute yaw, pitch, roll, place and
+    # size off a frame, trained on the world's exact truth (``livehead train reader``).
+    # Video-driven reenactment then moves the portrait's head by the driving clip's own motion
+    # (read by the encoder, relative to the clip's first frame) plus the offset between that
+    # first frame and the portrait (read by HeadReader). The shared encoder reads moves within
+    # one face to ~1 px but each face's absolute place with a bias of its own (~8 px), which
+    # cross-reenactment got wrong. The renderer never reads it; it is not in the ONNX graphs.
+    head_reader: bool = False
 
 
 # --------------------------------------------------------------------------------------------

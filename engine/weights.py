@@ -25,7 +25,13 @@ DEFAULT_STAGE1 = WEIGHTS_DIR / "stage1_tiny.safetensors"
 DEFAULT_STAGE2 = WEIGHTS_DIR / "stage2_tiny.safetensors"
 DEFAULT_AVATAR = WEIGHTS_DIR / "avatar.png"
 # Never cast these to fp16: training used them in fp32 and they are a few hundred numbers.
-KEEP_FP32 = ("normalizer.center", "normalizer.half_range", "lmd.q", "lmd.weight")
+KEEP_FP32 = (
+    "normalizer.center",
+    "normalizer.half_range",
+    "lmd.q",
+    "lmd.weight",
+    "head_reader.coords",
+)
 
 
 def save_weights(

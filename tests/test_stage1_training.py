@@ -772,6 +772,8 @@ def test_cosine_learning_rate_decay(tmp_path: Path) -> None:
 class _CopyRenderer(torch.nn.Module):
     """A stand-in stage-1 model whose every render is the source frame."""
 
+    reads_head = False  # no head reader: absolute reenactment
+
     def encode(self, img: torch.Tensor):
         return torch.zeros(len(img), 4), [img]
 

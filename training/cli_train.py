@@ -20,6 +20,12 @@ COMMANDS = [
         "training.stage2",
         "train the audio-driven motion generator (needs stage-1 weights)",
     ),
+    (
+        "train",
+        "reader",
+        "training.reader",
+        "train stage 1's head reader (video-driven reenactment; synthetic world)",
+    ),
     ("train", "probe", "training.probe", "train the independent judge used by 'eval stage2'"),
     (
         "eval",

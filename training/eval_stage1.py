@@ -54,6 +54,15 @@ Metrics (all on held-out identities, which training never sees):
   of the rendered reading on the world's (1 = the whole opening drawn, 0 = none), both within
   each face (each identity's mean reading taken out: the probe reads faces with offsets). Stage 2
   cannot do better in video than this: its pose error and lip sync are bounded by these.
+- ``reenact_mode``: "absolute" (each frame's alpha as the encoder reads it) or "anchored"
+  (weights with a trained ``stage1.head_reader``; ``engine.reenact``): the driving clip's own
+  motion relative to its first frame, plus the head's offset between that frame and the
+  portrait as the head reader reads it. Every reenactment here drives with a whole clip whose
+  first frame is the anchor: self-reenactment's is the source itself (offset exactly zero),
+  cross-reenactment's is B's first frame (the output is scored on the later frames).
+- ``head_reader`` (anchored weights only, else null): the reader's mean absolute error on
+  held-out identities (``training.reader.evaluate_reader``): degrees, pixels at 256², relative
+  size, and ``mae_std`` over the six fields in alpha's standardised units.
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
   ../shared/data/real/video (null when that folder is absent).
 """
@@ -150,7 +159,7 @@ def eval_synthetic(
         ident_a, mot_a = clips[a]
         video = to_tensor(render_frames(ident_a, mot_a, size))
         src, tgt = video[:1], video[1:]
-        out = reenact_frames(model, src, tgt)
+        out = reenact_frames(model, src, tgt, anchor=src)  # the clip's first frame is the source
         # independent random poses/expressions of this identity: alpha's motion read-out
         mot_r = random_motion(rng_r, frames)
         frames_r = to_tensor(render_frames(ident_a, mot_r, size))
@@ -176,9 +185,10 @@ def eval_synthetic(
         # cross: A's first frame driven by B's clip
         b = list(clips)[(k + 1) % len(clips)]
         ident_b, mot_b = clips[b]
-        driving = to_tensor(render_frames(ident_b, mot_b[1:], size))
+        drive_clip = to_tensor(render_frames(ident_b, mot_b, size))
+        driving = drive_clip[1:]  # B's clip after its first frame, as the self frames
         truth = to_tensor(render_frames(ident_a, mot_b[1:], size))
-        out_x = reenact_frames(model, src, driving)
+        out_x = reenact_frames(model, src, driving, anchor=drive_clip[:1])
         cp.append(psnr(out_x, truth))
         if direct:
             from training.stage2_data import world_motion_alpha
@@ -316,7 +326,7 @@ def eval_real(
         if clip is None or len(clip) < 2:
             continue
         video = to_tensor(clip)
-        out = reenact_frames(model, video[:1], video[1:])
+        out = reenact_frames(model, video[:1], video[1:], anchor=video[:1])
         sp.append(psnr(out, video[1:]))
         ss.append(ssim(out, video[1:]))
         used += 1
@@ -344,6 +354,13 @@ def evaluate(
         probe, _ = load_probe(probe_path)
         drawn = eval_drawn(model, cfg, probe, n_ids, frames, seed=4321, relative=rel)
     res.update(drawn)
+    res["reenact_mode"] = "anchored" if model.reads_head else "absolute"
+    res["head_reader"] = None
+    if model.reads_head:
+        from training.reader import evaluate_reader
+
+        assert model.head_reader is not None
+        res["head_reader"] = evaluate_reader(model.head_reader, cfg.world)
     if real:
         res.update(eval_real(model, cfg, REAL_VIDEO_DIR, frames=frames))
     else:
@@ -367,11 +384,12 @@ def side_by_side(model: Stage1Model, cfg: Config, path: Path, rows: int = 4) -> 
     for r in range(rows):
         a, b = int(ids[2 * r]), int(ids[2 * r + 1])
         mot_a = clip_motion_only(cfg.world, a, 1, rng)
-        mot_b = clip_motion_only(cfg.world, b, 30, rng)[[-1]]
+        mot_b = clip_motion_only(cfg.world, b, 30, rng)[[0, -1]]  # the clip's first and last
         src = render_frames(get_identity(cfg.world, a), mot_a, size)
-        drv = render_frames(get_identity(cfg.world, b), mot_b, size)
-        truth = render_frames(get_identity(cfg.world, a), mot_b, size)
-        out = to_uint8(reenact_frames(model, to_tensor(src), to_tensor(drv)))
+        clip = to_tensor(render_frames(get_identity(cfg.world, b), mot_b, size))
+        drv = to_uint8(clip[1:])
+        truth = render_frames(get_identity(cfg.world, a), mot_b[1:], size)
+        out = to_uint8(reenact_frames(model, to_tensor(src), clip[1:], anchor=clip[:1]))
         out_rows.append(np.concatenate([src[0], drv[0], out[0], truth[0]], axis=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(out_rows, axis=0)).save(path)

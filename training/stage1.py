@@ -253,6 +253,9 @@ class Stage1Trainer:
         self.disc = Discriminator(size, t.disc_channels, cfg.stage1.blur_kernel).to(dev)
         self.club = CLUB(cfg.stage1.latent_dim, cfg.stage1.club_hidden).to(dev)
         self.perceptual: nn.Module = make_perceptual(t.vgg_path).to(dev)
+        if self.model.head_reader is not None:
+            # trained by `livehead train reader` alone; carried unchanged (and kept out of DDP)
+            self.model.head_reader.requires_grad_(False)
         if t.renderer_only:
             # frozen before DDP is built: it registers only what still trains
             for part in (
@@ -316,6 +319,7 @@ class Stage1Trainer:
             inject=own.inject,
             detail=own.detail,
             head_warp=own.head_warp,
+            head_reader=own.head_reader,
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
@@ -326,8 +330,11 @@ class Stage1Trainer:
             "inject": ".injects.",
             "detail": ".detail.",
             "head_warp": ".head_warps.",
+            "head_reader": "head_reader.",
         }
         new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
+        if not own.head_reader:  # a reader the config leaves out is dropped (it renders nothing)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
         fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
         tensors = {**fresh, **tensors}
         load_into(self.model, tensors, str(path))

@@ -237,6 +237,49 @@ def head_offset(a: Tensor, t: Tensor, grid: Tensor) -> Tensor:
     return (q - p).transpose(1, 2).reshape(-1, 2, r, r)
 
 
+class HeadReader(nn.Module):
+    """livehead extension (``stage1.head_reader``; synthetic world only): a plain CNN of its own
+    that reads the head's absolute pose, place and size off a frame, in alpha[0:HEAD_DIMS]'s
+    units (the world's standardised yaw, pitch, roll, loc_x, loc_y, scale; see HEAD_FIELD_*).
+    Trained on the world's exact truth by ``livehead train reader``; ``ready`` is 1 once it is
+    (the stage-1 trainer carries it unchanged). Video-driven reenactment uses it for one thing:
+    the offset between the driving clip's first frame and the portrait (``engine.reenact``).
+
+    (B, 3, S, S) in [-1, 1] -> (B, HEAD_DIMS). Frames are read at 128² with two coordinate
+    channels (CoordConv), so the flattened 4² map knows where in the frame it looked.
+    """
+
+    SIZE = 128
+    coords: Tensor  # (2, SIZE, SIZE) x, y in [-1, 1]
+    ready: Tensor  # () 1.0 once trained
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        chans = [5, width, width * 2, width * 3, width * 4, width * 6]
+        layers: list[nn.Module] = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [
+                nn.Conv2d(a, b, 3, stride=2, padding=1),
+                nn.GroupNorm(8, b),
+                nn.SiLU(),
+                nn.Conv2d(b, b, 3, padding=1),
+                nn.GroupNorm(8, b),
+                nn.SiLU(),
+            ]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(chans[-1] * 4 * 4, HEAD_DIMS)
+        lin = torch.linspace(-1.0, 1.0, self.SIZE)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
+        self.register_buffer("ready", torch.zeros(()))
+
+    def forward(self, img: Tensor) -> Tensor:
+        x = img.float()
+        if x.shape[-1] != self.SIZE:
+            x = F.interpolate(x, size=self.SIZE, mode="bilinear", antialias=True)
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
+        return self.out(self.body(x).flatten(1))
+
+
 class HeadWarp(nn.Module):
     """livehead extension (``stage1.head_warp``), one per level: the source features moved by
     the head's rigid motion, M = warp(F_r, offset_head), are added to the renderer's features
@@ -742,6 +785,19 @@ class Stage1Model(nn.Module):
         self.motion_head = MotionHead(cfg)
         self.lmd = LinearMotionDecomposition(cfg.latent_dim, cfg.motion_dim)
         self.renderer = Renderer(cfg)
+        self.head_reader = HeadReader() if cfg.head_reader else None
+
+    @property
+    def reads_head(self) -> bool:
+        """True when the model has a trained ``HeadReader`` (``stage1.head_reader``)."""
+        return self.head_reader is not None and bool(self.head_reader.ready > 0.5)
+
+    def read_head(self, img: Tensor) -> Tensor:
+        """img (B, 3, S, S) -> (B, HEAD_DIMS): the head's absolute pose, place and size in
+        alpha[0:HEAD_DIMS]'s units, by the ``HeadReader`` (which the model must have)."""
+        if self.head_reader is None:
+            raise ConfigError("this stage-1 model has no head reader (stage1.head_reader)")
+        return self.head_reader(img)
 
     def encode(self, img: Tensor) -> tuple[Tensor, list[Tensor]]:
         """-> h (B, latent), feats (pyramid 8²..S², see ImageEncoder)."""
@@ -825,6 +881,8 @@ class Stage1Model(nn.Module):
             "lmd": n(self.lmd),
             "renderer": n(self.renderer),
         }
+        if self.head_reader is not None:
+            counts["head_reader"] = n(self.head_reader)
         counts["total"] = sum(counts.values())
         return counts
 

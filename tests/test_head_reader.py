@@ -1,0 +1,199 @@
+"""``stage1.head_reader``: the head reader (engine/models/stage1.py ``HeadReader``), anchored
+video-driven reenactment (engine/reenact.py) and its trainer (training/reader.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ConfigError, load_config
+from engine.models.stage1 import HEAD_DIMS, Stage1Model
+from engine.reenact import reenact_frames, reenact_stream
+from engine.tensors import to_tensor, to_uint8
+from engine.weights import KEEP_FP32, save_weights
+from tests.small import SMALL_STAGE1
+
+
+def _model(reader: bool = True, ready: bool = True) -> Stage1Model:
+    cfg = load_config("tiny", SMALL_STAGE1).stage1
+    torch.manual_seed(0)
+    m = Stage1Model(dataclasses.replace(cfg, head_reader=reader))
+    m.lmd.freeze()
+    if reader and ready:
+        assert m.head_reader is not None
+        m.head_reader.ready.fill_(1.0)
+    return m.eval()
+
+
+def _frames(n: int, seed: int, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def test_reader_shapes_and_readiness() -> None:
+    m = _model(ready=False)
+    assert m.read_head(_frames(3, 0)).shape == (3, HEAD_DIMS)
+    assert not m.reads_head  # untrained: reenactment stays absolute
+    assert _model().reads_head
+    plain = _model(reader=False)
+    assert plain.head_reader is None and not plain.reads_head
+    with pytest.raises(ConfigError, match="no head reader"):
+        plain.read_head(_frames(1, 0))
+    assert "head_reader" in _model().param_counts()
+
+
+@torch.no_grad()
+def test_anchored_reenactment_formula() -> None:
+    """alpha_t - alpha_anchor + alpha_source, plus read(anchor) - read(source) on the head's
+    fields; exactly absolute when the anchor is the source, and absolute without a reader."""
+    m = _model()
+    src, anchor, drv = _frames(1, 1), _frames(1, 2), _frames(5, 3)
+    h, feats = m.encode(src)
+    a_t = m.motion(m.encode(drv)[0])
+    offset = m.motion(h) - m.motion(m.encode(anchor)[0])
+    offset[:, :HEAD_DIMS] += m.read_head(anchor) - m.read_head(src)
+    want = m.render(h, feats, a_t + offset).clamp(-1, 1)
+    got = reenact_frames(m, src, drv, batch=2, anchor=anchor)
+    assert torch.allclose(got, want, atol=1e-5)
+    absolute = m.render(h, feats, a_t).clamp(-1, 1)
+    assert (got - absolute).abs().max() > 1e-3  # the offset changes the output
+    assert torch.allclose(reenact_frames(m, src, drv, anchor=src), absolute, atol=1e-5)
+    # the default anchor is the driving video's first frame
+    first = reenact_frames(m, src, drv, anchor=drv[:1])
+    assert torch.allclose(reenact_frames(m, src, drv), first, atol=1e-6)
+    # no reader (or an untrained one): absolute, whatever the anchor
+    for other in (_model(reader=False), _model(ready=False)):
+        h2, f2 = other.encode(src)
+        plain = other.render(h2, f2, other.motion(other.encode(drv)[0])).clamp(-1, 1)
+        assert torch.allclose(reenact_frames(other, src, drv, anchor=anchor), plain, atol=1e-5)
+
+
+@torch.no_grad()
+def test_stream_anchors_on_its_first_frame() -> None:
+    m = _model()
+    portrait = to_uint8(_frames(1, 4))[0]
+    drv = to_uint8(_frames(7, 5))
+    got = np.stack(list(reenact_stream(m, portrait, iter(drv), batch=3)))
+    want = to_uint8(reenact_frames(m, to_tensor(portrait[None]), to_tensor(drv)))
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def _args(tmp: Path, init: Path, **over: object) -> argparse.Namespace:
+    a = dict(
+        init_from=str(init),
+        out=str(tmp / "out.safetensors"),
+        run_dir=str(tmp / "run"),
+        steps=4,
+        batch=2,
+        lr=1e-3,
+        seed=3,
+        ckpt_every=2,
+        resume=False,
+        threads=0,
+    )
+    a.update(over)
+    return argparse.Namespace(**a)
+
+
+def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
+    """4 steps straight = 2 steps, a crash, --resume; the output is the input plus a ready
+    reader that ``load_stage1`` builds, with its held-out accuracy in the metadata."""
+    import training.reader as tr
+    from engine.loading import load_stage1
+    from engine.weights import load_weights
+
+    cfg = load_config("tiny", [*SMALL_STAGE1, "stage1.head_reader=false"])
+    torch.manual_seed(0)
+    m = Stage1Model(cfg.stage1)
+    m.lmd.freeze()
+    init = tmp_path / "s1.safetensors"
+    save_weights(init, m.state_dict(), cfg, kind="stage1")
+    monkeypatch.setattr(tr, "evaluate_reader", lambda reader, world: {"mae_std": 0.5})
+
+    straight = tmp_path / "a"
+    assert tr.run(_args(straight, init)) == 0
+
+    crashed = tmp_path / "b"
+    real_batch = tr.reader_batch
+    calls = {"n": 0}
+
+    def crash_at_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_batch(*a, **k)
+
+    monkeypatch.setattr(tr, "reader_batch", crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(_args(crashed, init))
+    monkeypatch.setattr(tr, "reader_batch", real_batch)
+    with pytest.raises(Exception, match="--resume"):
+        tr.run(_args(crashed, init))  # a run dir with a checkpoint is never overwritten
+    with pytest.raises(Exception, match="--steps 5"):
+        tr.run(_args(crashed, init, steps=5, resume=True))
+    assert tr.run(_args(crashed, init, resume=True)) == 0
+
+    ta, cfg_a, meta_a = load_weights(straight / "out.safetensors", "stage1")
+    tb, _, _ = load_weights(crashed / "out.safetensors", "stage1")
+    assert cfg_a.stage1.head_reader and meta_a["head_reader"]["mae_std"] == 0.5
+    reader_keys = [k for k in ta if k.startswith("head_reader.")]
+    assert reader_keys and all(torch.equal(ta[k], tb[k]) for k in ta)
+    src, _, _ = load_weights(init, "stage1")
+    for k, v in src.items():  # nothing else changed (stored as fp16, as the stage-1 trainer does)
+        assert torch.equal(ta[k], v if k.endswith(KEEP_FP32) else v.half().float()), k
+    loaded, _, _ = load_stage1(straight / "out.safetensors")
+    assert loaded.reads_head
+    assert loaded.head_reader is not None
+    lin = torch.linspace(-1.0, 1.0, loaded.head_reader.SIZE)
+    assert torch.equal(loaded.head_reader.coords[0, 0], lin)  # kept in fp32 by the fp16 file
+
+
+def test_reader_batch_truth_matches_alpha_convention() -> None:
+    """The reader's targets are alpha[0:HEAD_DIMS]'s units: the world's standardised fields."""
+    from training.reader import reader_batch
+    from training.world import train_ids
+
+    world = load_config("tiny").world
+    x, y = reader_batch(world, train_ids(world)[:5], np.random.default_rng(0), 12, size=64)
+    assert x.shape == (12, 3, 64, 64) and y.shape == (12, HEAD_DIMS)
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    assert 0.2 < float(y.std()) < 3.0  # standardised, not raw (raw spreads are ~0.03-0.15)
+
+
+def test_stage1_training_carries_the_reader(tmp_path: Path) -> None:
+    """A warm start from weights with a trained reader keeps it, frozen, through training steps
+    (it is trained alone by `livehead train reader`); a config without it drops it."""
+    from tests.test_stage1_training import SMALL
+    from training.common import DistInfo
+    from training.stage1 import Stage1Options, Stage1Trainer
+
+    cfg = load_config("tiny", SMALL)
+    assert cfg.stage1.head_reader  # the tiny config has it
+    torch.manual_seed(1)
+    m = Stage1Model(cfg.stage1)
+    m.lmd.freeze()
+    assert m.head_reader is not None
+    m.head_reader.ready.fill_(1.0)
+    w = tmp_path / "s1.safetensors"
+    save_weights(w, m.state_dict(), cfg, kind="stage1")
+    torch.set_num_threads(1)
+    t = Stage1Trainer(
+        cfg, Stage1Options(run_dir=tmp_path / "a", steps=2, init_from=str(w)), DistInfo()
+    )
+    t.fit()
+    out = t.model.state_dict()
+    for k, v in m.state_dict().items():
+        if k.startswith("head_reader."):
+            assert torch.equal(out[k], v), k
+    assert any(not torch.equal(out[k], v) for k, v in m.state_dict().items())  # it trained
+    plain = load_config("tiny", [*SMALL, "stage1.head_reader=false"])
+    t2 = Stage1Trainer(
+        plain, Stage1Options(run_dir=tmp_path / "b", steps=0, init_from=str(w)), DistInfo()
+    )
+    assert t2.model.head_reader is None

@@ -1,0 +1,212 @@
+"""Train the head reader of a stage-1 model (``stage1.head_reader``; synthetic world only).
+
+    livehead train reader --init-from weights/stage1_tiny.safetensors \\
+        --out runs/reader/stage1.safetensors --steps 3000
+
+A small CNN of its own (``engine.models.stage1.HeadReader``) learns to read the head's absolute
+yaw, pitch, roll, place and size off a frame from the world's exact truth, on training
+identities only. Nothing else of the model changes: the output file is the input file plus the
+reader (marked ready), so ``livehead reenact`` and ``livehead eval stage1`` use it. Video-driven
+reenactment needs it for the offset between the driving clip's first frame and the portrait,
+which the shared encoder reads with a bias of its own for each face (model card, session 15).
+
+Frames: 40 % independent random poses (half of them with the head placed as in a talking
+clip), 40 % a frame of a talking clip, 20 % the identity's avatar portrait (neutral pose).
+Checkpoints (``RUN_DIR/checkpoint.pt``) every ``--ckpt-every`` steps; ``--resume`` continues
+exactly (each step's batch comes from its own seed). Metrics go to ``RUN_DIR/metrics.jsonl``.
+Accuracy on held-out identities is printed at the end and stored in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.config import WorldConfig
+from engine.errors import UserError
+from engine.models.stage1 import HEAD_DIMS, HeadReader
+from engine.tensors import to_tensor
+from engine.weights import DEFAULT_STAGE1, load_weights, save_weights
+from training.common import (
+    MetricsLog,
+    load_checkpoint,
+    save_checkpoint,
+    step_rngs,
+    truncate_metrics,
+)
+
+# read-out units of each field for the accuracy report: degrees, pixels at 256², relative size
+_UNITS = {
+    "yaw_deg": 90.0,
+    "pitch_deg": 90.0,
+    "roll_deg": 90.0,
+    "loc_x_px": 128.0,
+    "loc_y_px": 128.0,
+    "scale_rel": 1.0 / 0.36,
+}
+
+
+def reader_batch(
+    world: WorldConfig, ids: np.ndarray, rng: np.random.Generator, n: int, size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n frames of random identities (see the module doc for the mix) -> images (n, 3, S, S) in
+    [-1, 1] and their head fields (n, HEAD_DIMS) standardised as alpha[0:HEAD_DIMS]."""
+    from training.stage1_data import aux_stats
+    from training.world import (
+        clip_motion_only,
+        get_identity,
+        neutral_motion,
+        place_like_a_clip,
+        random_motion,
+        render_frames,
+    )
+    from training.world.motion import as_array
+
+    mean, std = aux_stats()
+    imgs, rows = [], []
+    for _ in range(n):
+        i = int(rng.choice(ids))
+        ident = get_identity(world, i)
+        u = rng.random()
+        if u < 0.4:
+            m = random_motion(rng, 1)
+            if rng.random() < 0.5:
+                place_like_a_clip(ident, m, rng)
+        elif u < 0.8:
+            clip = clip_motion_only(world, i, 12, rng)
+            m = clip[int(rng.integers(len(clip))) :][:1]
+        else:
+            m = neutral_motion(1)
+        imgs.append(render_frames(ident, m, size)[0])
+        rows.append(as_array(m)[0, :HEAD_DIMS])
+    truth = (np.stack(rows) - mean[:HEAD_DIMS]) / std[:HEAD_DIMS]
+    return to_tensor(np.stack(imgs)), torch.tensor(truth, dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate_reader(
+    reader: HeadReader, world: WorldConfig, n: int = 192, seed: int = 99
+) -> dict[str, float]:
+    """Mean absolute error on held-out identities, per field in degrees / pixels at 256² /
+    relative size, and over all fields in standardised units (``mae_std``)."""
+    from training.stage1_data import aux_stats
+    from training.world import heldout_ids
+
+    _, std = aux_stats()
+    x, y = reader_batch(world, heldout_ids(world), np.random.default_rng(seed), n)
+    p = torch.cat([reader(x[i : i + 64]) for i in range(0, n, 64)])
+    err = (p - y).abs()
+    out = {"mae_std": float(err.mean())}
+    raw = err.mean(0).numpy() * std[:HEAD_DIMS]
+    for k, (name, unit) in enumerate(_UNITS.items()):
+        out[name] = float(raw[k] * unit)
+    out["frames"] = n
+    return out
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-from",
+        default=str(DEFAULT_STAGE1),
+        help="stage-1 weights to add the reader to (default: the bundled tiny model)",
+    )
+    p.add_argument("--out", required=True, help="output stage-1 safetensors (input + reader)")
+    p.add_argument("--run-dir", default="runs/reader", help="checkpoint and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=3000, help="training steps")
+    p.add_argument("--batch", type=int, default=32, help="frames per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def run(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if a.steps < 1 or a.batch < 2 or a.ckpt_every < 1 or not a.lr > 0:
+        raise UserError("--steps and --ckpt-every must be >= 1, --batch >= 2, --lr > 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tensors, cfg, meta = load_weights(a.init_from, "stage1")
+    run_dir = Path(a.run_dir)
+    ckpt = run_dir / "checkpoint.pt"
+    torch.manual_seed(a.seed)
+    reader = HeadReader()
+    opt = torch.optim.AdamW(reader.parameters(), lr=a.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps)
+    step = 0
+    if a.resume:
+        st, _ = load_checkpoint(ckpt)
+        if st.get("kind") != "reader" or st["steps"] != a.steps or st["seed"] != a.seed:
+            raise UserError(
+                f"{ckpt}: not a reader run with --steps {a.steps} --seed {a.seed} "
+                f"(it has {st.get('steps')} and {st.get('seed')})"
+            )
+        reader.load_state_dict(st["reader"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step = int(st["step"])
+        truncate_metrics(run_dir, step)
+    elif ckpt.exists():
+        raise UserError(f"{ckpt} exists: pass --resume to continue it or another --run-dir")
+    from training.world import train_ids
+
+    ids = train_ids(cfg.world)
+    log = MetricsLog(run_dir)
+
+    def checkpoint() -> None:
+        state: dict[str, Any] = {
+            "kind": "reader",
+            "step": step,
+            "steps": a.steps,
+            "seed": a.seed,
+            "reader": reader.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+        }
+        save_checkpoint(ckpt, state, cfg)
+
+    bar = tqdm(total=a.steps, initial=step, desc="reader", unit="step")
+    t0, done0 = time.perf_counter(), step
+    while step < a.steps:
+        step += 1
+        rng, _ = step_rngs(a.seed, step, 0)
+        x, y = reader_batch(cfg.world, ids, rng, a.batch)
+        loss = F.smooth_l1_loss(reader(x), y, beta=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 10 == 0:
+            rate = (step - done0) * a.batch / (time.perf_counter() - t0)
+            log.log(step, {"loss": float(loss), "frames_per_s": rate})
+        if step % a.ckpt_every == 0 or step == a.steps:
+            checkpoint()
+    bar.close()
+    reader.eval()
+    reader.ready.fill_(1.0)
+    acc = evaluate_reader(reader, cfg.world)
+    cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, head_reader=True))
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
+    tensors |= {f"head_reader.{k}": v for k, v in reader.state_dict().items()}
+    meta = dict(meta, head_reader={"steps": a.steps, "batch": a.batch, "seed": a.seed, **acc})
+    save_weights(a.out, tensors, cfg, kind="stage1", dtype=torch.float16, meta=meta)
+    print(json.dumps(acc))
+    return 0
+
+
+if __name__ == "__main__":
+    from training.common import recipe_main
+
+    recipe_main("training.reader", add_args, run)
