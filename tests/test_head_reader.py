@@ -197,3 +197,18 @@ def test_stage1_training_carries_the_reader(tmp_path: Path) -> None:
         plain, Stage1Options(run_dir=tmp_path / "b", steps=0, init_from=str(w)), DistInfo()
     )
     assert t2.model.head_reader is None
+
+
+@torch.no_grad()
+def test_read_is_mirror_symmetric() -> None:
+    """``HeadReader.read`` averages the frame's and the mirrored frame's readings: reading a
+    mirrored frame gives the mirrored fields (yaw, roll, loc_x negated in world units)."""
+    from engine.models.stage1 import HEAD_FIELD_MEAN, HEAD_FIELD_STD, HEAD_MIRROR
+
+    m = _model()
+    x = _frames(3, 6)
+    a, b = m.read_head(x), m.read_head(x.flip(-1))
+    mean, std = torch.tensor(HEAD_FIELD_MEAN), torch.tensor(HEAD_FIELD_STD)
+    world_a, world_b = a * std + mean, b * std + mean
+    assert torch.allclose(world_b, world_a * torch.tensor(HEAD_MIRROR), atol=1e-5)
+    assert not torch.allclose(a, b, atol=1e-3)

@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.config import WorldConfig, load_config
 from engine.errors import UserError
+from engine.models.layers import plain_cnn
 from engine.tensors import to_tensor
 
 PROBE_FIELDS = ("mouth_open", "yaw", "pitch", "roll")
@@ -37,17 +38,7 @@ class Probe(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         chans = [3, width, width * 2, width * 3, width * 4, width * 6]
-        layers: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
-            layers += [
-                nn.Conv2d(a, b, 3, stride=2, padding=1),
-                nn.GroupNorm(8, b),
-                nn.SiLU(),
-                nn.Conv2d(b, b, 3, padding=1),
-                nn.GroupNorm(8, b),
-                nn.SiLU(),
-            ]
-        self.body = nn.Sequential(*layers)
+        self.body = plain_cnn(chans)
         self.head = nn.Linear(chans[-1] * 4 * 4, len(PROBE_FIELDS))
         self.register_buffer("scale", _TARGET_SCALE.clone())
 

@@ -253,6 +253,23 @@ class EqualLinear(nn.Module):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, activation={self.activation}"
 
 
+def plain_cnn(chans: list[int]) -> nn.Sequential:
+    """A plain regression CNN body: per step a stride-2 3×3 conv and a 3×3 conv, each with
+    GroupNorm(8) and SiLU; ``chans`` = input channels, then each step's width (the eval
+    probe and the stage-1 head reader)."""
+    layers: list[nn.Module] = []
+    for a, b in zip(chans[:-1], chans[1:]):
+        layers += [
+            nn.Conv2d(a, b, 3, stride=2, padding=1),
+            nn.GroupNorm(8, b),
+            nn.SiLU(),
+            nn.Conv2d(b, b, 3, padding=1),
+            nn.GroupNorm(8, b),
+            nn.SiLU(),
+        ]
+    return nn.Sequential(*layers)
+
+
 class ConvLayer(nn.Sequential):
     """[Blur ->] EqualConv2d [-> FusedLeakyReLU]; ``downsample`` = blur then stride-2 conv
     (anti-aliased downsampling). Parameter layout equals rosinality's ``ConvLayer``."""

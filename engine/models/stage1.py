@@ -74,6 +74,7 @@ from engine.models.layers import (
     ResBlock,
     StyledConv,
     Upsample,
+    plain_cnn,
     pointwise,
 )
 
@@ -180,6 +181,8 @@ def warp(feat: Tensor, offset: Tensor, grid: Tensor) -> Tensor:
 HEAD_FIELD_MEAN = (0.000986, 0.000110, -0.000330, 0.000613, 0.119308, 0.359783)
 HEAD_FIELD_STD = (0.148072, 0.069854, 0.050353, 0.069548, 0.050033, 0.034789)
 HEAD_DIMS = len(HEAD_FIELD_MEAN)  # alpha[0:6]: the head's pose, place and size
+# a horizontal mirror negates yaw, roll and loc_x and keeps pitch, loc_y and scale
+HEAD_MIRROR = (-1.0, 1.0, -1.0, -1.0, 1.0, 1.0)
 # Mean over identities of the nose tip (head-local, head units, the cranium's centre at the
 # origin; x right, y up, z towards the camera) and of the brow-to-chin distance.
 HEAD_NOSE_TIP = (0.0, -0.3473, 0.9518)
@@ -255,18 +258,8 @@ class HeadReader(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        chans = [5, width, width * 2, width * 3, width * 4, width * 6]
-        layers: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
-            layers += [
-                nn.Conv2d(a, b, 3, stride=2, padding=1),
-                nn.GroupNorm(8, b),
-                nn.SiLU(),
-                nn.Conv2d(b, b, 3, padding=1),
-                nn.GroupNorm(8, b),
-                nn.SiLU(),
-            ]
-        self.body = nn.Sequential(*layers)
+        chans = [5, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
+        self.body = plain_cnn(chans)
         self.out = nn.Linear(chans[-1] * 4 * 4, HEAD_DIMS)
         lin = torch.linspace(-1.0, 1.0, self.SIZE)
         self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
@@ -278,6 +271,18 @@ class HeadReader(nn.Module):
             x = F.interpolate(x, size=self.SIZE, mode="bilinear", antialias=True)
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.out(self.body(x).flatten(1))
+
+    def read(self, img: Tensor) -> Tensor:
+        """What reenactment uses: the mean of the reading of the frame and of the mirrored
+        frame, mirrored back (``HEAD_MIRROR``); measured on held-out faces at step 1930 of 3000:
+        mean abs error 0.150 -> 0.133 standardised units (yaw 0.065 -> 0.047)."""
+        b = img.shape[0]
+        both = self(torch.cat([img, img.flip(-1)]))
+        mean = torch.tensor(HEAD_FIELD_MEAN, device=img.device)
+        std = torch.tensor(HEAD_FIELD_STD, device=img.device)
+        sign = torch.tensor(HEAD_MIRROR, device=img.device)
+        mirrored = ((both[b:] * std + mean) * sign - mean) / std
+        return (both[:b] + mirrored) / 2
 
 
 class HeadWarp(nn.Module):
@@ -794,10 +799,11 @@ class Stage1Model(nn.Module):
 
     def read_head(self, img: Tensor) -> Tensor:
         """img (B, 3, S, S) -> (B, HEAD_DIMS): the head's absolute pose, place and size in
-        alpha[0:HEAD_DIMS]'s units, by the ``HeadReader`` (which the model must have)."""
+        alpha[0:HEAD_DIMS]'s units, by the ``HeadReader`` (``HeadReader.read``), which the
+        model must have."""
         if self.head_reader is None:
             raise ConfigError("this stage-1 model has no head reader (stage1.head_reader)")
-        return self.head_reader(img)
+        return self.head_reader.read(img)
 
     def encode(self, img: Tensor) -> tuple[Tensor, list[Tensor]]:
         """-> h (B, latent), feats (pyramid 8²..S², see ImageEncoder)."""
