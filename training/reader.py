@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from engine.config import WorldConfig
 from engine.errors import UserError
-from engine.models.stage1 import HEAD_DIMS, HeadReader
+from engine.models.stage1 import HEAD_DIMS, HEAD_FIELD_MEAN, HeadReader
 from engine.tensors import to_tensor
 from engine.weights import DEFAULT_STAGE1, load_weights, save_weights
 from training.common import (
@@ -50,7 +50,7 @@ _UNITS = {
     "roll_deg": 90.0,
     "loc_x_px": 128.0,
     "loc_y_px": 128.0,
-    "scale_rel": 1.0 / 0.36,
+    "scale_rel": 1.0 / HEAD_FIELD_MEAN[5],  # error over the mean head size
 }
 
 
