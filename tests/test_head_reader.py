@@ -15,7 +15,7 @@ from engine.config import ConfigError, load_config
 from engine.models.stage1 import HEAD_DIMS, Stage1Model
 from engine.reenact import reenact_frames, reenact_stream
 from engine.tensors import to_tensor, to_uint8
-from engine.weights import KEEP_FP32, save_weights
+from engine.weights import KEEP_FP32, load_weights, save_weights
 from tests.small import SMALL_STAGE1
 
 
@@ -96,6 +96,7 @@ def _args(tmp: Path, init: Path, **over: object) -> argparse.Namespace:
         ckpt_every=2,
         resume=False,
         threads=0,
+        warm_start=False,
     )
     a.update(over)
     return argparse.Namespace(**a)
@@ -106,7 +107,6 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     reader that ``load_stage1`` builds, with its held-out accuracy in the metadata."""
     import training.reader as tr
     from engine.loading import load_stage1
-    from engine.weights import load_weights
 
     cfg = load_config("tiny", [*SMALL_STAGE1, "stage1.head_reader=false"])
     torch.manual_seed(0)
@@ -153,6 +153,19 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     lin = torch.linspace(-1.0, 1.0, loaded.head_reader.SIZE)
     assert torch.equal(loaded.head_reader.coords[0, 0], lin)  # kept in fp32 by the fp16 file
 
+    # --warm-start continues the trained reader (a vanishing lr keeps it) and chains the record
+    with pytest.raises(Exception, match="no trained head reader"):
+        tr.run(_args(tmp_path / "c", init, warm_start=True))
+    done = straight / "out.safetensors"
+    for warm, name in ((True, "d"), (False, "e")):
+        assert tr.run(_args(tmp_path / name, done, warm_start=warm, lr=1e-9, steps=2)) == 0
+        td, _, meta_d = load_weights(tmp_path / name / "out.safetensors", "stage1")
+        kept = all(torch.allclose(td[k], ta[k], atol=1e-3) for k in reader_keys)
+        assert kept == warm and float(td["head_reader.ready"]) == 1.0
+        rec = meta_d["head_reader"]
+        assert rec["total_steps"] == (6 if warm else 2)
+        assert ("warm_from" in rec) == warm and rec.get("warm_from", {}).get("steps") in (4, None)
+
 
 def test_reader_batch_truth_matches_alpha_convention() -> None:
     """The reader's targets are alpha[0:HEAD_DIMS]'s units: the world's standardised fields."""
@@ -181,12 +194,20 @@ def test_stage1_training_carries_the_reader(tmp_path: Path) -> None:
     assert m.head_reader is not None
     m.head_reader.ready.fill_(1.0)
     w = tmp_path / "s1.safetensors"
-    save_weights(w, m.state_dict(), cfg, kind="stage1")
+    record = {"steps": 7, "mae_std": 0.1}
+    save_weights(w, m.state_dict(), cfg, kind="stage1", meta={"head_reader": record})
     torch.set_num_threads(1)
     t = Stage1Trainer(
         cfg, Stage1Options(run_dir=tmp_path / "a", steps=2, init_from=str(w)), DistInfo()
     )
     t.fit()
+    t.export(tmp_path / "x.safetensors")  # the reader's training record goes with it
+    assert load_weights(tmp_path / "x.safetensors", "stage1")[2]["head_reader"] == record
+    t.save()
+    resumed = Stage1Trainer(
+        cfg, Stage1Options(run_dir=tmp_path / "a", steps=2, resume=True), DistInfo()
+    )
+    assert resumed.reader_meta == record
     out = t.model.state_dict()
     for k, v in m.state_dict().items():
         if k.startswith("head_reader."):

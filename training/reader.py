@@ -127,6 +127,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start from the trained reader in --init-from instead of a fresh one "
+        "(a new one-cycle schedule; use a lower --lr)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
@@ -142,6 +148,17 @@ def run(a: argparse.Namespace) -> int:
     ckpt = run_dir / "checkpoint.pt"
     torch.manual_seed(a.seed)
     reader = HeadReader()
+    before: dict[str, Any] | None = None  # the warm start's own record
+    if a.warm_start:
+        own = {
+            k[len("head_reader.") :]: v for k, v in tensors.items() if k.startswith("head_reader.")
+        }
+        if not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5:
+            raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
+        reader.load_state_dict({k: v.float() for k, v in own.items()})
+        reader.ready.zero_()  # ready again only once this run has finished
+        prev = meta.get("head_reader")
+        before = prev if isinstance(prev, dict) else {}
     opt = torch.optim.AdamW(reader.parameters(), lr=a.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps)
     step = 0
@@ -201,7 +218,13 @@ def run(a: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, head_reader=True))
     tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
     tensors |= {f"head_reader.{k}": v for k, v in reader.state_dict().items()}
-    meta = dict(meta, head_reader={"steps": a.steps, "batch": a.batch, "seed": a.seed, **acc})
+    record: dict[str, Any] = {"steps": a.steps, "batch": a.batch, "seed": a.seed, "lr": a.lr}
+    record["total_steps"] = a.steps + int(
+        (before or {}).get("total_steps", (before or {}).get("steps", 0))
+    )
+    if before is not None:
+        record["warm_from"] = before
+    meta = dict(meta, head_reader=record | acc)
     save_weights(a.out, tensors, cfg, kind="stage1", dtype=torch.float16, meta=meta)
     print(json.dumps(acc))
     return 0

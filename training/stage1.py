@@ -222,6 +222,9 @@ class Stage1Trainer:
             self.data = RealPairs(Path(opts.data), size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Stage1Model(cfg.stage1).to(dev)
+        # the training record of a trained head reader carried from --init-from (it stays frozen
+        # here, so the record still describes it in every export)
+        self.reader_meta: dict[str, Any] | None = None
         if opts.init_from and not opts.resume:
             self._warm_start(Path(opts.init_from))
         if t.channels_last:
@@ -335,6 +338,8 @@ class Stage1Trainer:
         new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
         if not own.head_reader:  # a reader the config leaves out is dropped (it renders nothing)
             tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
+        elif saved.stage1.head_reader and isinstance(meta.get("head_reader"), dict):
+            self.reader_meta = meta["head_reader"]
         fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
         tensors = {**fresh, **tensors}
         load_into(self.model, tensors, str(path))
@@ -366,6 +371,7 @@ class Stage1Trainer:
             "ema": self.ema.state_dict(),
             "perceptual": getattr(self.perceptual, "kind", "?"),
             "data": self.opts.data,
+            "reader_meta": self.reader_meta,
         }
 
     def save(self) -> None:
@@ -392,6 +398,7 @@ class Stage1Trainer:
         self.opt_club.load_state_dict(st["opt_club"])
         self.ema.load_state_dict(st["ema"])
         self.step = int(st["step"])
+        self.reader_meta = st.get("reader_meta")
         truncate_metrics(self.opts.run_dir, self.step)
 
     def export(self, path: Path, which: str = "ema") -> None:
@@ -434,7 +441,8 @@ class Stage1Trainer:
                 "clip_pairs": self.t.clip_pairs if self.opts.data == "synthetic" else 0.0,
                 "weights": which,
                 "seed": self.cfg.train.seed,
-            },
+            }
+            | ({"head_reader": self.reader_meta} if self.reader_meta else {}),
         )
 
     # ---------------------------------------------------------------------------------------
