@@ -233,3 +233,24 @@ def test_read_is_mirror_symmetric() -> None:
     world_a, world_b = a * std + mean, b * std + mean
     assert torch.allclose(world_b, world_a * torch.tensor(HEAD_MIRROR), atol=1e-5)
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_reader_error_split_separates_identity_bias() -> None:
+    """A reader off by a constant is all bias: the frame-to-frame part does not move."""
+    from training.reader import reader_error_split
+
+    world = load_config("tiny").world
+
+    class Const:
+        def __init__(self, c: float) -> None:
+            self.c = c
+
+        def read(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], HEAD_DIMS), self.c)
+
+    a = reader_error_split(Const(0.0), world, n_ids=2, frames=3)  # type: ignore[arg-type]
+    b = reader_error_split(Const(50.0), world, n_ids=2, frames=3)  # type: ignore[arg-type]
+    assert a["identities"] == 2 and a["frames"] == 3 and len(a["fields"]) == HEAD_DIMS
+    assert a["within_identity"] == pytest.approx(b["within_identity"], abs=1e-3)
+    assert all(45.0 < v < 55.0 for v in b["per_identity_bias"])
+    assert all(w > 0 for w in a["within_identity"])  # the clip moves the head

@@ -62,7 +62,9 @@ Metrics (all on held-out identities, which training never sees):
   cross-reenactment's is B's first frame (the output is scored on the later frames).
 - ``head_reader`` (anchored weights only, else null): the reader's mean absolute error on
   held-out identities (``training.reader.evaluate_reader``): degrees, pixels at 256², relative
-  size, and ``mae_std`` over the six fields in alpha's standardised units.
+  size, and ``mae_std`` over the six fields in alpha's standardised units; ``talking_clips``
+  splits its error on held-out talking clips into each identity's bias and the frame-to-frame
+  rest (``training.reader.reader_error_split``).
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
   ../shared/data/real/video (null when that folder is absent).
 """
