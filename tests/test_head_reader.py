@@ -254,3 +254,37 @@ def test_reader_error_split_separates_identity_bias() -> None:
     assert a["within_identity"] == pytest.approx(b["within_identity"], abs=1e-3)
     assert all(45.0 < v < 55.0 for v in b["per_identity_bias"])
     assert all(w > 0 for w in a["within_identity"])  # the clip moves the head
+
+
+def test_average_weights(tmp_path: Path) -> None:
+    """`livehead train average`: the weighted mean of one model's files; refuses another
+    config, a differing LMD basis, and a single file."""
+    from training.average import average
+
+    cfg = load_config("tiny", SMALL_STAGE1)
+    torch.manual_seed(0)
+    m = Stage1Model(cfg.stage1)
+    m.lmd.freeze()
+    a = m.state_dict()
+    b = {k: v + 1.0 if "renderer" in k and v.is_floating_point() else v for k, v in a.items()}
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_weights(pa, a, cfg, kind="stage1", meta={"step": 1})
+    save_weights(pb, b, cfg, kind="stage1", meta={"step": 2})
+    out, _, meta = average([str(pa), str(pb)], [1.0, 3.0])
+    k = next(k for k in a if "renderer" in k and a[k].is_floating_point())
+    assert torch.allclose(out[k], a[k] + 0.75, atol=1e-5)
+    assert meta["averaged"]["mix"] == [0.25, 0.75] and meta["averaged"]["steps"] == [1, 2]
+    with pytest.raises(Exception, match="at least two"):
+        average([str(pa)])
+    q = {
+        kk: v + 0.5 if kk.startswith("lmd.") and v.is_floating_point() else v for kk, v in a.items()
+    }
+    save_weights(tmp_path / "q.safetensors", q, cfg, kind="stage1")
+    with pytest.raises(Exception, match="LMD basis"):
+        average([str(pa), str(tmp_path / "q.safetensors")])
+    other = load_config("tiny", [*SMALL_STAGE1, "stage1.head_reader=false"])
+    m2 = Stage1Model(other.stage1)
+    m2.lmd.freeze()
+    save_weights(tmp_path / "o.safetensors", m2.state_dict(), other, kind="stage1")
+    with pytest.raises(Exception, match="another config"):
+        average([str(pa), str(tmp_path / "o.safetensors")])

@@ -1,4 +1,4 @@
-"""Training and evaluation commands: ``livehead train {stage1,stage2,probe}``,
+"""Training and evaluation commands: ``livehead train {stage1,stage2,reader,probe,average}``,
 ``livehead eval {stage1,stage2}``."""
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ COMMANDS = [
         "train stage 1's head reader (video-driven reenactment; synthetic world)",
     ),
     ("train", "probe", "training.probe", "train the independent judge used by 'eval stage2'"),
+    (
+        "train",
+        "average",
+        "training.average",
+        "average weight files of one run (checkpoint averaging)",
+    ),
     (
         "eval",
         "stage1",

@@ -434,6 +434,7 @@ class Stage1Trainer:
                 ),
                 "avatar_sources": self.t.avatar_sources if self.opts.data == "synthetic" else 0.0,
                 "w_l2": self.t.w_l2,
+                "w_perceptual": self.t.w_perceptual,
                 "mouth_pairs": self.t.mouth_pairs if self.opts.data == "synthetic" else 0.0,
                 "mouth_pairs_moved": (
                     self.t.mouth_pairs_moved if self.opts.data == "synthetic" else 0.0
