@@ -122,8 +122,8 @@ def reader_error_split(
     held-out clip for each of ``n_ids`` held-out identities. Each field's error splits into the
     identity's mean (``per_identity_bias``: mean absolute over identities) and what is left
     frame to frame (``within_identity``), both in alpha's standardised units. Anchored
-    reenactment only pays the first: within a clip the shared encoder's relative motion is
-    used, so a reader whose error is all bias cannot be mended by averaging frames."""
+    reenactment reads one frame of each face and pays both; reading more frames of a clip could
+    only remove the second, never a face's bias."""
     from training.stage1_data import aux_stats
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
     from training.world.motion import as_array
