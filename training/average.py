@@ -52,15 +52,14 @@ def average(
             raise UserError(f"{f}: other tensors than {files[0]}")
     for k, v in tensors.items():
         vs = [t[k] for t, _, _ in loaded]
-        same = all(torch.equal(v, x) for x in vs[1:])
-        if same or not v.is_floating_point():
-            if not same:
-                raise UserError(f"{k}: differs between the files and is not floating point")
+        if all(torch.equal(v, x) for x in vs[1:]):
             out[k] = v
+        elif not v.is_floating_point():
+            raise UserError(f"{k}: differs between the files and is not floating point")
         elif k.startswith(_FIXED):
             raise UserError(f"{k}: the LMD basis differs between the files; it cannot be averaged")
         else:
-            out[k] = sum(x.float() * wi for x, wi in zip(vs, w, strict=True))  # type: ignore[assignment]
+            out[k] = torch.stack([x * wi for x, wi in zip(vs, w, strict=True)]).sum(0)
     record = {
         "files": [Path(f).name for f in files],
         "mix": [round(x, 6) for x in w],

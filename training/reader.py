@@ -54,12 +54,21 @@ _UNITS = {
 }
 
 
+def head_truth(motion: np.ndarray) -> np.ndarray:
+    """The world's motion rows (MOTION_DTYPE) -> their head fields in alpha[0:HEAD_DIMS]'s
+    standardised units, (n, HEAD_DIMS)."""
+    from training.stage1_data import aux_stats
+    from training.world.motion import as_array
+
+    mean, std = aux_stats()
+    return (as_array(motion)[:, :HEAD_DIMS] - mean[:HEAD_DIMS]) / std[:HEAD_DIMS]
+
+
 def reader_batch(
     world: WorldConfig, ids: np.ndarray, rng: np.random.Generator, n: int, size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n frames of random identities (see the module doc for the mix) -> images (n, 3, S, S) in
     [-1, 1] and their head fields (n, HEAD_DIMS) standardised as alpha[0:HEAD_DIMS]."""
-    from training.stage1_data import aux_stats
     from training.world import (
         clip_motion_only,
         get_identity,
@@ -68,9 +77,7 @@ def reader_batch(
         random_motion,
         render_frames,
     )
-    from training.world.motion import as_array
 
-    mean, std = aux_stats()
     imgs, rows = [], []
     for _ in range(n):
         i = int(rng.choice(ids))
@@ -86,8 +93,8 @@ def reader_batch(
         else:
             m = neutral_motion(1)
         imgs.append(render_frames(ident, m, size)[0])
-        rows.append(as_array(m)[0, :HEAD_DIMS])
-    truth = (np.stack(rows) - mean[:HEAD_DIMS]) / std[:HEAD_DIMS]
+        rows.append(head_truth(m)[0])
+    truth = np.stack(rows)
     return to_tensor(np.stack(imgs)), torch.tensor(truth, dtype=torch.float32)
 
 
@@ -124,23 +131,18 @@ def reader_error_split(
     frame to frame (``within_identity``), both in alpha's standardised units. Anchored
     reenactment reads one frame of each face and pays both; reading more frames of a clip could
     only remove the second, never a face's bias."""
-    from training.stage1_data import aux_stats
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
-    from training.world.motion import as_array
 
-    mean, std = aux_stats()
     rng = np.random.default_rng(seed)
     errs = []
     for i in heldout_ids(world)[:n_ids]:
         mot = clip_motion_only(world, int(i), frames * 5, rng)[::5]
         x = to_tensor(render_frames(get_identity(world, int(i)), mot, 256))
-        truth = (as_array(mot)[:, :HEAD_DIMS] - mean[:HEAD_DIMS]) / std[:HEAD_DIMS]
-        errs.append(reader.read(x).numpy() - truth)
+        errs.append(reader.read(x).numpy() - head_truth(mot))
     e = np.stack(errs)  # (ids, frames, fields)
     bias = e.mean(1, keepdims=True)
-    names = [k.split("_")[0] if k.endswith("deg") else k.rsplit("_", 1)[0] for k in _UNITS]
     return {
-        "fields": names,
+        "fields": [k.rsplit("_", 1)[0] for k in _UNITS],  # yaw_deg -> yaw, loc_x_px -> loc_x
         "mae_std": [round(float(v), 4) for v in np.abs(e).mean((0, 1))],
         "per_identity_bias": [round(float(v), 4) for v in np.abs(bias).mean((0, 1))],
         "within_identity": [round(float(v), 4) for v in np.abs(e - bias).mean((0, 1))],
@@ -255,9 +257,8 @@ def run(a: argparse.Namespace) -> int:
     tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
     tensors |= {f"head_reader.{k}": v for k, v in reader.state_dict().items()}
     record: dict[str, Any] = {"steps": a.steps, "batch": a.batch, "seed": a.seed, "lr": a.lr}
-    record["total_steps"] = a.steps + int(
-        (before or {}).get("total_steps", (before or {}).get("steps", 0))
-    )
+    prev_run = before or {}
+    record["total_steps"] = a.steps + int(prev_run.get("total_steps", prev_run.get("steps", 0)))
     if before is not None:
         record["warm_from"] = before
     meta = dict(meta, head_reader=record | acc)
