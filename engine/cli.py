@@ -145,9 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read the motion of every frame of --driving with the stage-1 encoder and "
         "render it onto --image. Self-reenactment (same person) or cross-reenactment. The "
         "driving video's audio is kept. Weights with a trained head reader (stage1.head_reader, "
-        "the bundled tiny model) move the portrait's head by the video's motion relative to its "
-        "first frame plus the offset between that frame's head and the portrait's, as the "
-        "reader reads them, so the portrait takes the driving head's pose, place and size.",
+        "the bundled tiny model) read the head's pose, place and size off every driving frame "
+        "with it, so the portrait takes the driving head's pose, place and size; the rest "
+        "(mouth, eyes) follows the video's motion relative to its first frame.",
     )
     p.add_argument("--image", required=True, help="portrait image (face centred)")
     p.add_argument("--driving", required=True, help="driving video (any format PyAV reads)")

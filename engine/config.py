@@ -73,12 +73,15 @@ class Stage1Config:
     # livehead extension (off = LIA/AniTalker; synthetic world only, like head_warp): a small
     # CNN of its own (``HeadReader``) that reads the head's absolute yaw, pitch, roll, place and
     # size off a frame, trained on the world's exact truth (``livehead train reader``).
-    # Video-driven reenactment then moves the portrait's head by the driving clip's own motion
-    # (read by the encoder, relative to the clip's first frame) plus the offset between that
-    # first frame and the portrait (read by HeadReader). The shared encoder reads moves within
+    # Video-driven reenactment then takes the head's fields of every driving frame from it
+    # (relative to the portrait's own reading) and the rest from the encoder, relative to the
+    # driving clip's first frame (``engine.reenact``). The shared encoder reads moves within
     # one face to ~1 px but each face's absolute place with a bias of its own (~8 px), which
     # cross-reenactment got wrong. The renderer never reads it; it is not in the ONNX graphs.
     head_reader: bool = False
+    # the side the head reader reads frames at: 128 · 2^k (each doubling adds one stride-2 step
+    # of half the first width in front). Files without it were trained at 128.
+    head_reader_size: int = 128
 
 
 # --------------------------------------------------------------------------------------------

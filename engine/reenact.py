@@ -1,17 +1,17 @@
-"""Video-driven mode (ARCHITECTURE.md §5): motion read off each driving frame by the encoder,
-rendered onto the portrait with the portrait's h and feature pyramid (computed once).
+"""Video-driven mode (ARCHITECTURE.md §5): motion read off each driving frame, rendered onto
+the portrait with the portrait's h and feature pyramid (computed once).
 
 Absolute (LIA, AniTalker, every model without a head reader): each frame renders with the
-alpha the encoder reads off it. Anchored (models with a trained ``stage1.head_reader``): each
-frame renders with
+alpha the encoder reads off it. With a trained ``stage1.head_reader`` each frame renders with
 
-    alpha_t - alpha_anchor + alpha_portrait,  plus  read(anchor) - read(portrait) in alpha[0:6]
+    alpha[0:6]  = alpha_portrait[0:6] + read(frame) - read(portrait)    (the head's fields)
+    alpha[6:]   = alpha_frame[6:] - alpha_anchor[6:] + alpha_portrait[6:]   (the rest)
 
-where the anchor is the driving video's first frame. The encoder's moves within one face are
-precise, its reading of each face's absolute place and pose is not (a bias of its own per face);
-the head reader supplies the one offset between the two faces. When the anchor *is* the
-portrait (self-reenactment from a clip's first frame) the offset is exactly zero and this is
-the absolute mode."""
+where read is the head reader and the anchor the driving video's first frame. The encoder
+reads each face's absolute place and pose with a bias of its own per face, and the rest (mouth,
+eyes) is read relative to the driving video's own first frame for the same reason; the head
+reader reads the head's absolute pose, place and size better, within one face as well as
+between faces (model card, sessions 15-17), so it gives the head's fields of every frame."""
 
 from __future__ import annotations
 
@@ -30,14 +30,28 @@ from engine.tensors import to_tensor, to_uint8
 def anchor_offset(
     model: Stage1Model, source: torch.Tensor, h_src: torch.Tensor, anchor: torch.Tensor
 ) -> torch.Tensor | None:
-    """What anchored reenactment adds to every driving frame's alpha (see the module doc):
-    (1, motion_dim), or None for models without a trained head reader (absolute mode).
+    """What ``driving_alpha`` adds to every driving frame's reading (see the module doc):
+    (1, motion_dim), or None for models without a trained head reader (absolute mode). The
+    head's fields: alpha_portrait - read(portrait); the rest: alpha_portrait - alpha_anchor.
     source, anchor: (1, 3, S, S) in [-1, 1]; h_src: the source's h."""
     if not model.reads_head:
         return None
-    offset = model.motion(h_src) - model.motion(model.encode(anchor)[0])
-    head = model.read_head(anchor) - model.read_head(source)
-    return torch.cat([offset[:, :HEAD_DIMS] + head, offset[:, HEAD_DIMS:]], dim=1)
+    a_src = model.motion(h_src)
+    rest = a_src[:, HEAD_DIMS:] - model.motion(model.encode(anchor)[0])[:, HEAD_DIMS:]
+    return torch.cat([a_src[:, :HEAD_DIMS] - model.read_head(source), rest], dim=1)
+
+
+@torch.no_grad()
+def driving_alpha(
+    model: Stage1Model, frames: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """Driving frames (B,3,S,S) in [-1,1] -> the alpha each renders with (B, motion_dim), given
+    ``anchor_offset``'s offset (None: absolute, the encoder's reading)."""
+    alpha = model.motion(model.encode(frames)[0])
+    if offset is None:
+        return alpha
+    head = model.read_head(frames) + offset[:, :HEAD_DIMS]
+    return torch.cat([head, alpha[:, HEAD_DIMS:] + offset[:, HEAD_DIMS:]], dim=1)
 
 
 @torch.no_grad()
@@ -55,9 +69,7 @@ def reenact_frames(
     offset = anchor_offset(model, source, h, driving[:1] if anchor is None else anchor)
     out = []
     for i in range(0, driving.shape[0], batch):
-        alpha = model.motion(model.encode(driving[i : i + batch])[0])
-        if offset is not None:
-            alpha = alpha + offset
+        alpha = driving_alpha(model, driving[i : i + batch], offset)
         out.append(model.render(h, feats, alpha).clamp(-1, 1))
     return torch.cat(out)
 
@@ -74,9 +86,7 @@ def reenact_stream(
     offset: list[torch.Tensor | None] = []
 
     def flush() -> Iterator[np.ndarray]:
-        alpha = model.motion(model.encode(to_tensor(np.stack(buf)))[0])
-        if offset[0] is not None:
-            alpha = alpha + offset[0]
+        alpha = driving_alpha(model, to_tensor(np.stack(buf)), offset[0])
         yield from to_uint8(model.render(h, feats, alpha))
         buf.clear()
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
-from engine.models.stage1 import HEAD_DIMS, Stage1Model
-from engine.reenact import reenact_frames, reenact_stream
+from engine.models.stage1 import HEAD_DIMS, HeadReader, Stage1Model
+from engine.reenact import anchor_offset, driving_alpha, reenact_frames, reenact_stream
 from engine.tensors import to_tensor, to_uint8
 from engine.weights import KEEP_FP32, load_weights, save_weights
 from tests.small import SMALL_STAGE1
@@ -48,21 +48,28 @@ def test_reader_shapes_and_readiness() -> None:
 
 
 @torch.no_grad()
-def test_anchored_reenactment_formula() -> None:
-    """alpha_t - alpha_anchor + alpha_source, plus read(anchor) - read(source) on the head's
-    fields; exactly absolute when the anchor is the source, and absolute without a reader."""
+def test_read_head_reenactment_formula() -> None:
+    """The head's fields: alpha_source + read(frame) - read(source); the rest: alpha_t -
+    alpha_anchor + alpha_source; absolute without a (trained) reader."""
     m = _model()
     src, anchor, drv = _frames(1, 1), _frames(1, 2), _frames(5, 3)
     h, feats = m.encode(src)
-    a_t = m.motion(m.encode(drv)[0])
-    offset = m.motion(h) - m.motion(m.encode(anchor)[0])
-    offset[:, :HEAD_DIMS] += m.read_head(anchor) - m.read_head(src)
-    want = m.render(h, feats, a_t + offset).clamp(-1, 1)
+    a_src, a_t = m.motion(h), m.motion(m.encode(drv)[0])
+    want_alpha = a_t - m.motion(m.encode(anchor)[0]) + a_src
+    want_alpha[:, :HEAD_DIMS] = a_src[:, :HEAD_DIMS] + m.read_head(drv) - m.read_head(src)
+    want = m.render(h, feats, want_alpha).clamp(-1, 1)
     got = reenact_frames(m, src, drv, batch=2, anchor=anchor)
     assert torch.allclose(got, want, atol=1e-5)
     absolute = m.render(h, feats, a_t).clamp(-1, 1)
-    assert (got - absolute).abs().max() > 1e-3  # the offset changes the output
-    assert torch.allclose(reenact_frames(m, src, drv, anchor=src), absolute, atol=1e-5)
+    assert (got - absolute).abs().max() > 1e-3  # the reader and the anchor change the output
+    # the anchor moves only the rest; the head's fields ignore it (alpha itself: the small
+    # untrained renderer draws nothing from alpha[HEAD_DIMS:])
+    alpha = driving_alpha(m, drv, anchor_offset(m, src, h, anchor))
+    assert torch.allclose(alpha, want_alpha, atol=1e-5)
+    moved = driving_alpha(m, drv, anchor_offset(m, src, h, drv[:1]))
+    assert torch.allclose(moved[:, :HEAD_DIMS], alpha[:, :HEAD_DIMS], atol=1e-6)
+    shift = m.motion(m.encode(anchor)[0]) - m.motion(m.encode(drv[:1])[0])
+    assert torch.allclose(moved[:, HEAD_DIMS:], alpha[:, HEAD_DIMS:] + shift[:, HEAD_DIMS:])
     # the default anchor is the driving video's first frame
     first = reenact_frames(m, src, drv, anchor=drv[:1])
     assert torch.allclose(reenact_frames(m, src, drv), first, atol=1e-6)
@@ -97,6 +104,7 @@ def _args(tmp: Path, init: Path, **over: object) -> argparse.Namespace:
         resume=False,
         threads=0,
         warm_start=False,
+        size=0,
     )
     a.update(over)
     return argparse.Namespace(**a)
@@ -150,7 +158,7 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     loaded, _, _ = load_stage1(straight / "out.safetensors")
     assert loaded.reads_head
     assert loaded.head_reader is not None
-    lin = torch.linspace(-1.0, 1.0, loaded.head_reader.SIZE)
+    lin = torch.linspace(-1.0, 1.0, loaded.head_reader.size)
     assert torch.equal(loaded.head_reader.coords[0, 0], lin)  # kept in fp32 by the fp16 file
 
     # --warm-start continues the trained reader (a vanishing lr keeps it) and chains the record
@@ -165,6 +173,18 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
         rec = meta_d["head_reader"]
         assert rec["total_steps"] == (6 if warm else 2)
         assert ("warm_from" in rec) == warm and rec.get("warm_from", {}).get("steps") in (4, None)
+
+    # --size: a reader that reads at 256² (one more stride-2 step), recorded in the config
+    with pytest.raises(Exception, match="reads at 128"):
+        tr.run(_args(tmp_path / "f", done, warm_start=True, size=256))
+    assert tr.run(_args(tmp_path / "g", done, size=256, steps=2)) == 0
+    big, _, _ = load_stage1(tmp_path / "g" / "out.safetensors")
+    _, cfg_g, meta_g = load_weights(tmp_path / "g" / "out.safetensors", "stage1")
+    assert big.head_reader is not None and big.head_reader.size == 256
+    assert cfg_g.stage1.head_reader_size == 256 and meta_g["head_reader"]["size"] == 256
+    assert big.read_head(_frames(2, 6, size=256)).shape == (2, HEAD_DIMS)
+    with pytest.raises(ConfigError, match="128 · 2\\^k"):
+        HeadReader(size=192)
 
 
 def test_reader_batch_truth_matches_alpha_convention() -> None:

@@ -54,17 +54,18 @@ Metrics (all on held-out identities, which training never sees):
   of the rendered reading on the world's (1 = the whole opening drawn, 0 = none), both within
   each face (each identity's mean reading taken out: the probe reads faces with offsets). Stage 2
   cannot do better in video than this: its pose error and lip sync are bounded by these.
-- ``reenact_mode``: "absolute" (each frame's alpha as the encoder reads it) or "anchored"
-  (weights with a trained ``stage1.head_reader``; ``engine.reenact``): the driving clip's own
-  motion relative to its first frame, plus the head's offset between that frame and the
-  portrait as the head reader reads it. Every reenactment here drives with a whole clip whose
-  first frame is the anchor: self-reenactment's is the source itself (offset exactly zero),
-  cross-reenactment's is B's first frame (the output is scored on the later frames).
-- ``head_reader`` (anchored weights only, else null): the reader's mean absolute error on
-  held-out identities (``training.reader.evaluate_reader``): degrees, pixels at 256², relative
-  size, and ``mae_std`` over the six fields in alpha's standardised units; ``talking_clips``
-  splits its error on held-out talking clips into each identity's bias and the frame-to-frame
-  rest (``training.reader.reader_error_split``).
+- ``reenact_mode``: "absolute" (each frame's alpha as the encoder reads it) or "read_head"
+  (weights with a trained ``stage1.head_reader``; ``engine.reenact``): the head's pose, place
+  and size read off every driving frame by the head reader (relative to the portrait's own
+  reading), the rest (mouth, eyes) the driving clip's motion relative to its first frame, the
+  anchor. Every reenactment here drives with a whole clip whose first frame is the anchor:
+  self-reenactment's is the source itself, cross-reenactment's is B's first frame (the output
+  is scored on the later frames).
+- ``head_reader`` (weights with a trained reader only, else null): the reader's mean absolute
+  error on held-out identities (``training.reader.evaluate_reader``): degrees, pixels at 256²,
+  relative size, and ``mae_std`` over the six fields in alpha's standardised units;
+  ``talking_clips`` splits its error on held-out talking clips into each identity's bias and
+  the frame-to-frame rest (``training.reader.reader_error_split``).
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in
   ../shared/data/real/video (null when that folder is absent).
 """
@@ -356,7 +357,7 @@ def evaluate(
         probe, _ = load_probe(probe_path)
         drawn = eval_drawn(model, cfg, probe, n_ids, frames, seed=4321, relative=rel)
     res.update(drawn)
-    res["reenact_mode"] = "anchored" if model.reads_head else "absolute"
+    res["reenact_mode"] = "read_head" if model.reads_head else "absolute"
     res["head_reader"] = None
     if model.reads_head:
         from training.reader import evaluate_reader

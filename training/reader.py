@@ -171,6 +171,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="start from the trained reader in --init-from instead of a fresh one "
         "(a new one-cycle schedule; use a lower --lr)",
     )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="side the reader reads frames at, 128 · 2^k (default: the file's "
+        "stage1.head_reader_size, 128 unless set)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
@@ -185,7 +192,13 @@ def run(a: argparse.Namespace) -> int:
     run_dir = Path(a.run_dir)
     ckpt = run_dir / "checkpoint.pt"
     torch.manual_seed(a.seed)
-    reader = HeadReader()
+    size = a.size or cfg.stage1.head_reader_size
+    if a.warm_start and size != cfg.stage1.head_reader_size:
+        raise UserError(
+            f"--warm-start: the reader in {a.init_from} reads at "
+            f"{cfg.stage1.head_reader_size}², not --size {size}"
+        )
+    reader = HeadReader(size=size)
     before: dict[str, Any] | None = None  # the warm start's own record
     if a.warm_start:
         own = {
@@ -202,10 +215,11 @@ def run(a: argparse.Namespace) -> int:
     step = 0
     if a.resume:
         st, _ = load_checkpoint(ckpt)
-        if st.get("kind") != "reader" or st["steps"] != a.steps or st["seed"] != a.seed:
+        got = (st.get("steps"), st.get("seed"), st.get("size", 128))
+        if st.get("kind") != "reader" or got != (a.steps, a.seed, size):
             raise UserError(
-                f"{ckpt}: not a reader run with --steps {a.steps} --seed {a.seed} "
-                f"(it has {st.get('steps')} and {st.get('seed')})"
+                f"{ckpt}: not a reader run with --steps {a.steps} --seed {a.seed} --size {size} "
+                f"(it has {got[0]}, {got[1]} and {got[2]})"
             )
         reader.load_state_dict(st["reader"])
         opt.load_state_dict(st["opt"])
@@ -225,6 +239,7 @@ def run(a: argparse.Namespace) -> int:
             "step": step,
             "steps": a.steps,
             "seed": a.seed,
+            "size": size,
             "reader": reader.state_dict(),
             "opt": opt.state_dict(),
             "sched": sched.state_dict(),
@@ -253,10 +268,17 @@ def run(a: argparse.Namespace) -> int:
     reader.eval()
     reader.ready.fill_(1.0)
     acc = evaluate_reader(reader, cfg.world)
-    cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, head_reader=True))
+    s1 = dataclasses.replace(cfg.stage1, head_reader=True, head_reader_size=size)
+    cfg = dataclasses.replace(cfg, stage1=s1)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
     tensors |= {f"head_reader.{k}": v for k, v in reader.state_dict().items()}
-    record: dict[str, Any] = {"steps": a.steps, "batch": a.batch, "seed": a.seed, "lr": a.lr}
+    record: dict[str, Any] = {
+        "steps": a.steps,
+        "batch": a.batch,
+        "seed": a.seed,
+        "lr": a.lr,
+        "size": size,
+    }
     prev_run = before or {}
     record["total_steps"] = a.steps + int(prev_run.get("total_steps", prev_run.get("steps", 0)))
     if before is not None:

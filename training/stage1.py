@@ -323,9 +323,16 @@ class Stage1Trainer:
             detail=own.detail,
             head_warp=own.head_warp,
             head_reader=own.head_reader,
+            head_reader_size=own.head_reader_size,
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
+        sizes = saved.stage1.head_reader_size, own.head_reader_size
+        if own.head_reader and saved.stage1.head_reader and sizes[0] != sizes[1]:
+            raise UserError(
+                f"--init-from {path}: its head reader reads at {sizes[0]}², this config's at "
+                f"{sizes[1]}² (--set stage1.head_reader_size={sizes[0]})"
+            )
         # renderer extensions the file lacks keep their fresh init (zero where it matters):
         # the same output as the file's model
         marks = {

@@ -248,30 +248,35 @@ class HeadReader(nn.Module):
     that reads the head's absolute pose, place and size off a frame, in alpha[0:HEAD_DIMS]'s
     units (the world's standardised yaw, pitch, roll, loc_x, loc_y, scale; see HEAD_FIELD_*).
     Trained on the world's exact truth by ``livehead train reader``; ``ready`` is 1 once it is
-    (the stage-1 trainer carries it unchanged). Video-driven reenactment uses it for one thing:
-    the offset between the driving clip's first frame and the portrait (``engine.reenact``).
+    (the stage-1 trainer carries it unchanged). Video-driven reenactment takes the head's
+    fields of every driving frame from it, relative to the portrait's reading (``engine.reenact``).
 
-    (B, 3, S, S) in [-1, 1] -> (B, HEAD_DIMS). Frames are read at 128² with two coordinate
-    channels (CoordConv), so the flattened 4² map knows where in the frame it looked.
+    (B, 3, S, S) in [-1, 1] -> (B, HEAD_DIMS). Frames are read at ``size``² (128 unless
+    ``stage1.head_reader_size`` says otherwise) with two coordinate channels (CoordConv), so the
+    flattened 4² map knows where in the frame it looked.
     """
 
-    SIZE = 128
-    coords: Tensor  # (2, SIZE, SIZE) x, y in [-1, 1]
+    coords: Tensor  # (2, size, size) x, y in [-1, 1]
     ready: Tensor  # () 1.0 once trained
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, size: int = 128) -> None:
         super().__init__()
-        chans = [5, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
+        extra = size.bit_length() - 8  # 128 -> 0, 256 -> 1, ...
+        if extra < 0 or size != 128 << extra:
+            raise ConfigError(f"stage1.head_reader_size must be 128 · 2^k, got {size}")
+        self.size = size
+        front = [width // 2] * extra  # stride-2 steps down to 128² first
+        chans = [5, *front, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
         self.body = plain_cnn(chans)
         self.out = nn.Linear(chans[-1] * 4 * 4, HEAD_DIMS)
-        lin = torch.linspace(-1.0, 1.0, self.SIZE)
+        lin = torch.linspace(-1.0, 1.0, size)
         self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
         self.register_buffer("ready", torch.zeros(()))
 
     def forward(self, img: Tensor) -> Tensor:
         x = img.float()
-        if x.shape[-1] != self.SIZE:
-            x = F.interpolate(x, size=self.SIZE, mode="bilinear", antialias=True)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True)
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.out(self.body(x).flatten(1))
 
@@ -794,7 +799,7 @@ class Stage1Model(nn.Module):
         self.motion_head = MotionHead(cfg)
         self.lmd = LinearMotionDecomposition(cfg.latent_dim, cfg.motion_dim)
         self.renderer = Renderer(cfg)
-        self.head_reader = HeadReader() if cfg.head_reader else None
+        self.head_reader = HeadReader(size=cfg.head_reader_size) if cfg.head_reader else None
 
     @property
     def reads_head(self) -> bool:
