@@ -82,6 +82,9 @@ class Stage1Config:
     # the side the head reader reads frames at: 128 · 2^k (each doubling adds one stride-2 step
     # of half the first width in front). Files without it were trained at 128.
     head_reader_size: int = 128
+    # what it reads: 6 (the head's pose, place and size) or 14 (also the face's expression:
+    # mouth, eyelids, brows, gaze, which reenactment then takes from it, absolute).
+    head_reader_fields: int = 6
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,14 +4,16 @@ the portrait with the portrait's h and feature pyramid (computed once).
 Absolute (LIA, AniTalker, every model without a head reader): each frame renders with the
 alpha the encoder reads off it. With a trained ``stage1.head_reader`` each frame renders with
 
-    alpha[0:6]  = alpha_portrait[0:6] + read(frame) - read(portrait)    (the head's fields)
-    alpha[6:]   = alpha_frame[6:] - alpha_anchor[6:] + alpha_portrait[6:]   (the rest)
+    alpha[0:6]  = alpha_portrait[0:6] + read(frame)[0:6] - read(portrait)[0:6]  (the head)
+    alpha[6:F]  = read(frame)[6:F]                      (the face, a reader of F = 14 fields)
+    alpha[F:]   = alpha_frame[F:] - alpha_anchor[F:] + alpha_portrait[F:]   (the rest)
 
 where read is the head reader and the anchor the driving video's first frame. The encoder
-reads each face's absolute place and pose with a bias of its own per face, and the rest (mouth,
-eyes) is read relative to the driving video's own first frame for the same reason; the head
-reader reads the head's absolute pose, place and size better, within one face as well as
-between faces (model card, sessions 15-17), so it gives the head's fields of every frame."""
+reads each face's absolute place and pose with a bias of its own per face, and the rest
+relative to the driving video's own first frame for the same reason; the head reader reads the
+head's absolute pose, place and size better, within one face as well as between faces, and the
+face's fields (mouth, eyelids, brows, gaze) mean the same for every identity, so a reader of
+14 gives them as read (model card, sessions 15-17)."""
 
 from __future__ import annotations
 
@@ -32,13 +34,17 @@ def anchor_offset(
 ) -> torch.Tensor | None:
     """What ``driving_alpha`` adds to every driving frame's reading (see the module doc):
     (1, motion_dim), or None for models without a trained head reader (absolute mode). The
-    head's fields: alpha_portrait - read(portrait); the rest: alpha_portrait - alpha_anchor.
-    source, anchor: (1, 3, S, S) in [-1, 1]; h_src: the source's h."""
+    head's fields: alpha_portrait - read(portrait); the face's (a reader of 14): 0; the rest:
+    alpha_portrait - alpha_anchor. source, anchor: (1, 3, S, S) in [-1, 1]; h_src: the
+    source's h."""
     if not model.reads_head:
         return None
     a_src = model.motion(h_src)
-    rest = a_src[:, HEAD_DIMS:] - model.motion(model.encode(anchor)[0])[:, HEAD_DIMS:]
-    return torch.cat([a_src[:, :HEAD_DIMS] - model.read_head(source), rest], dim=1)
+    read = model.read_head(source)
+    f = read.shape[1]
+    rest = a_src[:, f:] - model.motion(model.encode(anchor)[0])[:, f:]
+    face = torch.zeros_like(read[:, HEAD_DIMS:])
+    return torch.cat([a_src[:, :HEAD_DIMS] - read[:, :HEAD_DIMS], face, rest], dim=1)
 
 
 @torch.no_grad()
@@ -50,8 +56,9 @@ def driving_alpha(
     alpha = model.motion(model.encode(frames)[0])
     if offset is None:
         return alpha
-    head = model.read_head(frames) + offset[:, :HEAD_DIMS]
-    return torch.cat([head, alpha[:, HEAD_DIMS:] + offset[:, HEAD_DIMS:]], dim=1)
+    read = model.read_head(frames)
+    f = read.shape[1]
+    return torch.cat([read, alpha[:, f:]], dim=1) + offset
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ from engine.weights import KEEP_FP32, load_weights, save_weights
 from tests.small import SMALL_STAGE1
 
 
-def _model(reader: bool = True, ready: bool = True) -> Stage1Model:
+def _model(reader: bool = True, ready: bool = True, fields: int = HEAD_DIMS) -> Stage1Model:
     cfg = load_config("tiny", SMALL_STAGE1).stage1
     torch.manual_seed(0)
-    m = Stage1Model(dataclasses.replace(cfg, head_reader=reader))
+    m = Stage1Model(dataclasses.replace(cfg, head_reader=reader, head_reader_fields=fields))
     m.lmd.freeze()
     if reader and ready:
         assert m.head_reader is not None
@@ -73,6 +73,14 @@ def test_read_head_reenactment_formula() -> None:
     # the default anchor is the driving video's first frame
     first = reenact_frames(m, src, drv, anchor=drv[:1])
     assert torch.allclose(reenact_frames(m, src, drv), first, atol=1e-6)
+    # a reader of 14 fields: the face's fields as read, absolute
+    m14 = _model(fields=14)
+    off = anchor_offset(m14, src, m14.encode(src)[0], anchor)
+    assert off is not None and torch.equal(off[:, HEAD_DIMS:14], torch.zeros(1, 8))
+    got14 = driving_alpha(m14, drv, off)
+    assert torch.allclose(got14[:, HEAD_DIMS:14], m14.read_head(drv)[:, HEAD_DIMS:], atol=1e-6)
+    a14 = m14.motion(m14.encode(drv)[0]) - m14.motion(m14.encode(anchor)[0])
+    assert torch.allclose(got14[:, 14:], a14[:, 14:] + m14.motion(m14.encode(src)[0])[:, 14:])
     # no reader (or an untrained one): absolute, whatever the anchor
     for other in (_model(reader=False), _model(ready=False)):
         h2, f2 = other.encode(src)
@@ -105,6 +113,7 @@ def _args(tmp: Path, init: Path, **over: object) -> argparse.Namespace:
         threads=0,
         warm_start=False,
         size=0,
+        fields=0,
     )
     a.update(over)
     return argparse.Namespace(**a)
@@ -173,6 +182,22 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
         rec = meta_d["head_reader"]
         assert rec["total_steps"] == (6 if warm else 2)
         assert ("warm_from" in rec) == warm and rec.get("warm_from", {}).get("steps") in (4, None)
+
+    # --fields 14 from a reader of 6: the head's outputs kept (a vanishing lr), 8 new ones
+    parser = argparse.ArgumentParser()
+    tr.add_args(parser)
+    assert parser.parse_args(["--out", "x", "--fields", "14"]).fields == 14
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--fields", "7"])
+    assert tr.run(_args(tmp_path / "h", done, warm_start=True, fields=14, lr=1e-9, steps=2)) == 0
+    th, cfg_h, meta_h = load_weights(tmp_path / "h" / "out.safetensors", "stage1")
+    assert cfg_h.stage1.head_reader_fields == 14 and th["head_reader.out.weight"].shape[0] == 14
+    assert torch.allclose(th["head_reader.out.weight"][:6], ta["head_reader.out.weight"], atol=1e-3)
+    assert meta_h["head_reader"]["fields"] == 14
+    with pytest.raises(Exception, match="reads more than --fields 6"):
+        tr.run(_args(tmp_path / "i", tmp_path / "h" / "out.safetensors", warm_start=True, fields=6))
+    r14, _, _ = load_stage1(tmp_path / "h" / "out.safetensors")
+    assert r14.read_head(_frames(2, 7)).shape == (2, 14)
 
     # --size: a reader that reads at 256² (one more stride-2 step), recorded in the config
     with pytest.raises(Exception, match="reads at 128"):
@@ -243,16 +268,28 @@ def test_stage1_training_carries_the_reader(tmp_path: Path) -> None:
 @torch.no_grad()
 def test_read_is_mirror_symmetric() -> None:
     """``HeadReader.read`` averages the frame's and the mirrored frame's readings: reading a
-    mirrored frame gives the mirrored fields (yaw, roll, loc_x negated in world units)."""
-    from engine.models.stage1 import HEAD_FIELD_MEAN, HEAD_FIELD_STD, HEAD_MIRROR
+    mirrored frame gives the mirrored fields (yaw, roll, loc_x, gaze_x negated in world units,
+    the eyelids swapped)."""
+    from engine.models.stage1 import (
+        FACE_FIELD_MEAN,
+        FACE_FIELD_STD,
+        HEAD_FIELD_MEAN,
+        HEAD_FIELD_STD,
+    )
 
-    m = _model()
+    mean = torch.tensor(HEAD_FIELD_MEAN + FACE_FIELD_MEAN)
+    std = torch.tensor(HEAD_FIELD_STD + FACE_FIELD_STD)
+    sign = torch.tensor([-1.0, 1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1, -1, 1])
     x = _frames(3, 6)
-    a, b = m.read_head(x), m.read_head(x.flip(-1))
-    mean, std = torch.tensor(HEAD_FIELD_MEAN), torch.tensor(HEAD_FIELD_STD)
-    world_a, world_b = a * std + mean, b * std + mean
-    assert torch.allclose(world_b, world_a * torch.tensor(HEAD_MIRROR), atol=1e-5)
-    assert not torch.allclose(a, b, atol=1e-3)
+    for m in (_model(), _model(fields=14)):
+        a, b = m.read_head(x), m.read_head(x.flip(-1))
+        f = a.shape[1]
+        world_a, world_b = a * std[:f] + mean[:f], b * std[:f] + mean[:f]
+        want = world_a * sign[:f]
+        if f == 14:
+            want = want[:, [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11, 12, 13]]
+        assert torch.allclose(world_b, want, atol=1e-5)
+        assert not torch.allclose(a, b, atol=1e-3)
 
 
 def test_reader_error_split_separates_identity_bias() -> None:
@@ -262,6 +299,8 @@ def test_reader_error_split_separates_identity_bias() -> None:
     world = load_config("tiny").world
 
     class Const:
+        fields = HEAD_DIMS
+
         def __init__(self, c: float) -> None:
             self.c = c
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from engine.config import WorldConfig
 from engine.errors import UserError
-from engine.models.stage1 import HEAD_DIMS, HEAD_FIELD_MEAN, HeadReader
+from engine.models.stage1 import HEAD_DIMS, HEAD_FIELD_MEAN, READ_FIELDS, HeadReader
 from engine.tensors import to_tensor
 from engine.weights import DEFAULT_STAGE1, load_weights, save_weights
 from training.common import (
@@ -43,6 +43,17 @@ from training.common import (
     truncate_metrics,
 )
 
+# alpha[6:14] (engine.models.stage1.FACE_FIELD_*), read by a reader of 14 fields
+FACE_FIELDS = (
+    "mouth_open",
+    "mouth_width",
+    "mouth_round",
+    "blink_l",
+    "blink_r",
+    "brow",
+    "gaze_x",
+    "gaze_y",
+)
 # read-out units of each field for the accuracy report: degrees, pixels at 256², relative size
 _UNITS = {
     "yaw_deg": 90.0,
@@ -51,24 +62,32 @@ _UNITS = {
     "loc_x_px": 128.0,
     "loc_y_px": 128.0,
     "scale_rel": 1.0 / HEAD_FIELD_MEAN[5],  # error over the mean head size
+    # the face's fields (a reader of 14) in the world's own units ([0, 1]; gaze [-1, 1])
+    **{f: 1.0 for f in FACE_FIELDS},
 }
+HEAD_UNITS = tuple(_UNITS)[:HEAD_DIMS]
 
 
-def head_truth(motion: np.ndarray) -> np.ndarray:
-    """The world's motion rows (MOTION_DTYPE) -> their head fields in alpha[0:HEAD_DIMS]'s
-    standardised units, (n, HEAD_DIMS)."""
+def head_truth(motion: np.ndarray, fields: int = HEAD_DIMS) -> np.ndarray:
+    """The world's motion rows (MOTION_DTYPE) -> their first ``fields`` fields (the head's, and
+    with 14 the face's) in alpha's standardised units, (n, fields)."""
     from training.stage1_data import aux_stats
     from training.world.motion import as_array
 
     mean, std = aux_stats()
-    return (as_array(motion)[:, :HEAD_DIMS] - mean[:HEAD_DIMS]) / std[:HEAD_DIMS]
+    return (as_array(motion)[:, :fields] - mean[:fields]) / std[:fields]
 
 
 def reader_batch(
-    world: WorldConfig, ids: np.ndarray, rng: np.random.Generator, n: int, size: int = 256
+    world: WorldConfig,
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    n: int,
+    size: int = 256,
+    fields: int = HEAD_DIMS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n frames of random identities (see the module doc for the mix) -> images (n, 3, S, S) in
-    [-1, 1] and their head fields (n, HEAD_DIMS) standardised as alpha[0:HEAD_DIMS]."""
+    [-1, 1] and their first ``fields`` fields (n, fields) standardised as alpha."""
     from training.world import (
         clip_motion_only,
         get_identity,
@@ -93,7 +112,7 @@ def reader_batch(
         else:
             m = neutral_motion(1)
         imgs.append(render_frames(ident, m, size)[0])
-        rows.append(head_truth(m)[0])
+        rows.append(head_truth(m, fields)[0])
     truth = np.stack(rows)
     return to_tensor(np.stack(imgs)), torch.tensor(truth, dtype=torch.float32)
 
@@ -103,18 +122,23 @@ def evaluate_reader(
     reader: HeadReader, world: WorldConfig, n: int = 192, seed: int = 99
 ) -> dict[str, Any]:
     """Mean absolute error of ``HeadReader.read`` (what reenactment uses) on held-out
-    identities, per field in degrees / pixels at 256² / relative size, and over all fields in
-    standardised units (``mae_std``); ``talking_clips``: ``reader_error_split``."""
+    identities, per field in degrees / pixels at 256² / relative size (the face's fields in
+    the world's units), and in standardised units over the head's fields (``mae_std``) and,
+    for a reader of 14, over the face's (``mae_std_face``); ``talking_clips``:
+    ``reader_error_split``."""
     from training.stage1_data import aux_stats
     from training.world import heldout_ids
 
     _, std = aux_stats()
-    x, y = reader_batch(world, heldout_ids(world), np.random.default_rng(seed), n)
+    f = reader.fields
+    x, y = reader_batch(world, heldout_ids(world), np.random.default_rng(seed), n, fields=f)
     p = torch.cat([reader.read(x[i : i + 64]) for i in range(0, n, 64)])
     err = (p - y).abs()
-    out: dict[str, Any] = {"mae_std": float(err.mean())}
-    raw = err.mean(0).numpy() * std[:HEAD_DIMS]
-    for k, (name, unit) in enumerate(_UNITS.items()):
+    out: dict[str, Any] = {"mae_std": float(err[:, :HEAD_DIMS].mean())}
+    if f > HEAD_DIMS:
+        out["mae_std_face"] = float(err[:, HEAD_DIMS:].mean())
+    raw = err.mean(0).numpy() * std[:f]
+    for k, (name, unit) in enumerate(list(_UNITS.items())[:f]):
         out[name] = float(raw[k] * unit)
     out["frames"] = n
     out["talking_clips"] = reader_error_split(reader, world)
@@ -138,11 +162,12 @@ def reader_error_split(
     for i in heldout_ids(world)[:n_ids]:
         mot = clip_motion_only(world, int(i), frames * 5, rng)[::5]
         x = to_tensor(render_frames(get_identity(world, int(i)), mot, 256))
-        errs.append(reader.read(x).numpy() - head_truth(mot))
+        errs.append(reader.read(x).numpy() - head_truth(mot, reader.fields))
     e = np.stack(errs)  # (ids, frames, fields)
     bias = e.mean(1, keepdims=True)
+    names = [k.rsplit("_", 1)[0] for k in HEAD_UNITS] + list(FACE_FIELDS)  # yaw_deg -> yaw
     return {
-        "fields": [k.rsplit("_", 1)[0] for k in _UNITS],  # yaw_deg -> yaw, loc_x_px -> loc_x
+        "fields": names[: reader.fields],
         "mae_std": [round(float(v), 4) for v in np.abs(e).mean((0, 1))],
         "per_identity_bias": [round(float(v), 4) for v in np.abs(bias).mean((0, 1))],
         "within_identity": [round(float(v), 4) for v in np.abs(e - bias).mean((0, 1))],
@@ -178,6 +203,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="side the reader reads frames at, 128 · 2^k (default: the file's "
         "stage1.head_reader_size, 128 unless set)",
     )
+    p.add_argument(
+        "--fields",
+        type=int,
+        default=0,
+        choices=(0, *READ_FIELDS),
+        help="what the reader reads: 6 (the head's pose, place and size) or 14 (also the face's "
+        "expression); default: the file's stage1.head_reader_fields (6 unless set). A "
+        "--warm-start from a reader of 6 to 14 keeps the 6 and learns the 8 new outputs",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
@@ -198,7 +232,10 @@ def run(a: argparse.Namespace) -> int:
             f"--warm-start: the reader in {a.init_from} reads at "
             f"{cfg.stage1.head_reader_size}², not --size {size}"
         )
-    reader = HeadReader(size=size)
+    fields = a.fields or cfg.stage1.head_reader_fields
+    if a.warm_start and fields < cfg.stage1.head_reader_fields:
+        raise UserError(f"--warm-start: {a.init_from}'s reader reads more than --fields {fields}")
+    reader = HeadReader(size=size, fields=fields)
     before: dict[str, Any] | None = None  # the warm start's own record
     if a.warm_start:
         own = {
@@ -206,7 +243,12 @@ def run(a: argparse.Namespace) -> int:
         }
         if not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5:
             raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
-        reader.load_state_dict({k: v.float() for k, v in own.items()})
+        own = {k: v.float() for k, v in own.items()}
+        for k in ("out.weight", "out.bias"):  # a reader of 6 grown to 14: new outputs fresh
+            grown = reader.state_dict()[k].clone()
+            grown[: len(own[k])] = own[k]
+            own[k] = grown
+        reader.load_state_dict(own)
         reader.ready.zero_()  # ready again only once this run has finished
         prev = meta.get("head_reader")
         before = prev if isinstance(prev, dict) else {}
@@ -215,11 +257,11 @@ def run(a: argparse.Namespace) -> int:
     step = 0
     if a.resume:
         st, _ = load_checkpoint(ckpt)
-        got = (st.get("steps"), st.get("seed"), st.get("size", 128))
-        if st.get("kind") != "reader" or got != (a.steps, a.seed, size):
+        got = (st.get("steps"), st.get("seed"), st.get("size", 128), st.get("fields", HEAD_DIMS))
+        if st.get("kind") != "reader" or got != (a.steps, a.seed, size, fields):
             raise UserError(
                 f"{ckpt}: not a reader run with --steps {a.steps} --seed {a.seed} --size {size} "
-                f"(it has {got[0]}, {got[1]} and {got[2]})"
+                f"--fields {fields} (it has {', '.join(map(str, got))})"
             )
         reader.load_state_dict(st["reader"])
         opt.load_state_dict(st["opt"])
@@ -240,6 +282,7 @@ def run(a: argparse.Namespace) -> int:
             "steps": a.steps,
             "seed": a.seed,
             "size": size,
+            "fields": fields,
             "reader": reader.state_dict(),
             "opt": opt.state_dict(),
             "sched": sched.state_dict(),
@@ -251,7 +294,7 @@ def run(a: argparse.Namespace) -> int:
     while step < a.steps:
         step += 1
         rng, _ = step_rngs(a.seed, step, 0)
-        x, y = reader_batch(cfg.world, ids, rng, a.batch)
+        x, y = reader_batch(cfg.world, ids, rng, a.batch, fields=fields)
         loss = F.smooth_l1_loss(reader(x), y, beta=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,7 +311,9 @@ def run(a: argparse.Namespace) -> int:
     reader.eval()
     reader.ready.fill_(1.0)
     acc = evaluate_reader(reader, cfg.world)
-    s1 = dataclasses.replace(cfg.stage1, head_reader=True, head_reader_size=size)
+    s1 = dataclasses.replace(
+        cfg.stage1, head_reader=True, head_reader_size=size, head_reader_fields=fields
+    )
     cfg = dataclasses.replace(cfg, stage1=s1)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
     tensors |= {f"head_reader.{k}": v for k, v in reader.state_dict().items()}
@@ -278,6 +323,7 @@ def run(a: argparse.Namespace) -> int:
         "seed": a.seed,
         "lr": a.lr,
         "size": size,
+        "fields": fields,
     }
     prev_run = before or {}
     record["total_steps"] = a.steps + int(prev_run.get("total_steps", prev_run.get("steps", 0)))

@@ -324,15 +324,18 @@ class Stage1Trainer:
             head_warp=own.head_warp,
             head_reader=own.head_reader,
             head_reader_size=own.head_reader_size,
+            head_reader_fields=own.head_reader_fields,
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
-        sizes = saved.stage1.head_reader_size, own.head_reader_size
-        if own.head_reader and saved.stage1.head_reader and sizes[0] != sizes[1]:
-            raise UserError(
-                f"--init-from {path}: its head reader reads at {sizes[0]}², this config's at "
-                f"{sizes[1]}² (--set stage1.head_reader_size={sizes[0]})"
-            )
+        if own.head_reader and saved.stage1.head_reader:
+            for key in ("head_reader_size", "head_reader_fields"):
+                theirs, ours = getattr(saved.stage1, key), getattr(own, key)
+                if theirs != ours:
+                    raise UserError(
+                        f"--init-from {path}: its stage1.{key} is {theirs}, this config's "
+                        f"{ours} (--set stage1.{key}={theirs})"
+                    )
         # renderer extensions the file lacks keep their fresh init (zero where it matters):
         # the same output as the file's model
         marks = {

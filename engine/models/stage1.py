@@ -186,6 +186,14 @@ HEAD_FIELD_STD = (0.148072, 0.069854, 0.050353, 0.069548, 0.050033, 0.034789)
 HEAD_DIMS = len(HEAD_FIELD_MEAN)  # alpha[0:6]: the head's pose, place and size
 # a horizontal mirror negates yaw, roll and loc_x and keeps pitch, loc_y and scale
 HEAD_MIRROR = (-1.0, 1.0, -1.0, -1.0, 1.0, 1.0)
+# alpha[6:14] = the world's face fields, standardised alike (a head reader with
+# stage1.head_reader_fields = 14 reads them too): mouth_open, mouth_width, mouth_round, blink_l,
+# blink_r, brow, gaze_x, gaze_y. A mirror swaps the eyes and negates gaze_x.
+FACE_FIELD_MEAN = (0.282859, 0.505147, 0.189986, 0.23037, 0.231797, 0.286642, -0.001033, 0.001859)
+FACE_FIELD_STD = (0.276119, 0.149175, 0.220518, 0.285298, 0.285731, 0.199297, 0.348743, 0.249132)
+READ_FIELDS = (HEAD_DIMS, HEAD_DIMS + len(FACE_FIELD_MEAN))  # what a head reader may read
+_MIRROR_SIGN = (*HEAD_MIRROR, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0)
+_MIRROR_PERM = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11, 12, 13)
 # Mean over identities of the nose tip (head-local, head units, the cranium's centre at the
 # origin; x right, y up, z towards the camera) and of the brow-to-chin distance.
 HEAD_NOSE_TIP = (0.0, -0.3473, 0.9518)
@@ -246,12 +254,14 @@ def head_offset(a: Tensor, t: Tensor, grid: Tensor) -> Tensor:
 class HeadReader(nn.Module):
     """livehead extension (``stage1.head_reader``; synthetic world only): a plain CNN of its own
     that reads the head's absolute pose, place and size off a frame, in alpha[0:HEAD_DIMS]'s
-    units (the world's standardised yaw, pitch, roll, loc_x, loc_y, scale; see HEAD_FIELD_*).
-    Trained on the world's exact truth by ``livehead train reader``; ``ready`` is 1 once it is
-    (the stage-1 trainer carries it unchanged). Video-driven reenactment takes the head's
-    fields of every driving frame from it, relative to the portrait's reading (``engine.reenact``).
+    units (the world's standardised yaw, pitch, roll, loc_x, loc_y, scale; see HEAD_FIELD_*),
+    and with ``fields`` = 14 (``stage1.head_reader_fields``) the face's expression too,
+    alpha[6:14] (FACE_FIELD_*). Trained on the world's exact truth by ``livehead train
+    reader``; ``ready`` is 1 once it is (the stage-1 trainer carries it unchanged).
+    Video-driven reenactment takes the fields it reads of every driving frame from it
+    (``engine.reenact``).
 
-    (B, 3, S, S) in [-1, 1] -> (B, HEAD_DIMS). Frames are read at ``size``² (128 unless
+    (B, 3, S, S) in [-1, 1] -> (B, fields). Frames are read at ``size``² (128 unless
     ``stage1.head_reader_size`` says otherwise) with two coordinate channels (CoordConv), so the
     flattened 4² map knows where in the frame it looked.
     """
@@ -259,16 +269,20 @@ class HeadReader(nn.Module):
     coords: Tensor  # (2, size, size) x, y in [-1, 1]
     ready: Tensor  # () 1.0 once trained
 
-    def __init__(self, width: int = 32, size: int = 128) -> None:
+    def __init__(self, width: int = 32, size: int = 128, fields: int = HEAD_DIMS) -> None:
         super().__init__()
         extra = size.bit_length() - 8  # 128 -> 0, 256 -> 1, ...
         if extra < 0 or size != 128 << extra:
             raise ConfigError(f"stage1.head_reader_size must be 128 · 2^k, got {size}")
-        self.size = size
+        if fields not in READ_FIELDS:
+            raise ConfigError(
+                f"stage1.head_reader_fields must be one of {READ_FIELDS}, got {fields}"
+            )
+        self.size, self.fields = size, fields
         front = [width // 2] * extra  # stride-2 steps down to 128² first
         chans = [5, *front, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
         self.body = plain_cnn(chans)
-        self.out = nn.Linear(chans[-1] * 4 * 4, HEAD_DIMS)
+        self.out = nn.Linear(chans[-1] * 4 * 4, fields)
         lin = torch.linspace(-1.0, 1.0, size)
         self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
         self.register_buffer("ready", torch.zeros(()))
@@ -282,15 +296,16 @@ class HeadReader(nn.Module):
 
     def read(self, img: Tensor) -> Tensor:
         """What reenactment uses: the mean of the reading of the frame and of the mirrored
-        frame, mirrored back (``HEAD_MIRROR``). Measured on held-out faces, mean abs error in
-        standardised units: at step 1930 of 3000 0.150 -> 0.133 (yaw 0.065 -> 0.047); the
-        bundled reader (step 3000) 0.101 -> 0.095."""
-        b = img.shape[0]
+        frame, mirrored back (the eyes swapped, signs as ``HEAD_MIRROR``). Measured on held-out
+        faces, mean abs error in standardised units: at step 1930 of 3000 0.150 -> 0.133 (yaw
+        0.065 -> 0.047); the session-15 reader (step 3000) 0.101 -> 0.095."""
+        b, f = img.shape[0], self.fields
         both = self(torch.cat([img, img.flip(-1)]))
-        mean = torch.tensor(HEAD_FIELD_MEAN, device=img.device)
-        std = torch.tensor(HEAD_FIELD_STD, device=img.device)
-        sign = torch.tensor(HEAD_MIRROR, device=img.device)
-        mirrored = ((both[b:] * std + mean) * sign - mean) / std
+        mean = torch.tensor((HEAD_FIELD_MEAN + FACE_FIELD_MEAN)[:f], device=img.device)
+        std = torch.tensor((HEAD_FIELD_STD + FACE_FIELD_STD)[:f], device=img.device)
+        sign = torch.tensor(_MIRROR_SIGN[:f], device=img.device)
+        world = (both[b:] * std + mean)[:, list(_MIRROR_PERM[:f])]  # the eyes swap places
+        mirrored = (world * sign - mean) / std
         return (both[:b] + mirrored) / 2
 
 
@@ -799,7 +814,11 @@ class Stage1Model(nn.Module):
         self.motion_head = MotionHead(cfg)
         self.lmd = LinearMotionDecomposition(cfg.latent_dim, cfg.motion_dim)
         self.renderer = Renderer(cfg)
-        self.head_reader = HeadReader(size=cfg.head_reader_size) if cfg.head_reader else None
+        self.head_reader = (
+            HeadReader(size=cfg.head_reader_size, fields=cfg.head_reader_fields)
+            if cfg.head_reader
+            else None
+        )
 
     @property
     def reads_head(self) -> bool:
@@ -807,9 +826,9 @@ class Stage1Model(nn.Module):
         return self.head_reader is not None and bool(self.head_reader.ready > 0.5)
 
     def read_head(self, img: Tensor) -> Tensor:
-        """img (B, 3, S, S) -> (B, HEAD_DIMS): the head's absolute pose, place and size in
-        alpha[0:HEAD_DIMS]'s units, by the ``HeadReader`` (``HeadReader.read``), which the
-        model must have."""
+        """img (B, 3, S, S) -> (B, fields): the head's absolute pose, place and size in
+        alpha[0:HEAD_DIMS]'s units (and the face's fields after them, for a reader of 14), by
+        the ``HeadReader`` (``HeadReader.read``), which the model must have."""
         if self.head_reader is None:
             raise ConfigError("this stage-1 model has no head reader (stage1.head_reader)")
         return self.head_reader.read(img)
