@@ -125,7 +125,9 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     import training.reader as tr
     from engine.loading import load_stage1
 
-    cfg = load_config("tiny", [*SMALL_STAGE1, "stage1.head_reader=false"])
+    cfg = load_config(
+        "tiny", [*SMALL_STAGE1, "stage1.head_reader=false", "stage1.head_reader_fields=6"]
+    )
     torch.manual_seed(0)
     m = Stage1Model(cfg.stage1)
     m.lmd.freeze()

@@ -28,11 +28,11 @@ Parameter counts (``Stage1Model.param_counts``; tiny = configs/tiny.toml):
     motion_head              1,586,196    399,892  MLP 512->512->512, 4×(512->512), 512->20
     lmd                         10,240      5,120  512×20 (+ a frozen-Q buffer, not a param)
     renderer (G)            22,407,972  3,160,906  const, 13 StyledConvs, 6 ToFlow, 6 ToRGB
-    head_reader                      -  1,036,710  tiny only: plain CNN at 128² (HeadReader)
+    head_reader                      -  1,061,294  tiny only: plain CNN at 128², 14 fields
     ----------------------  ----------  ---------  ----------------------------------------------
-    Stage1Model total       46,396,288  7,726,932  what ``Stage1Model`` holds
+    Stage1Model total       46,396,288  7,751,516  what ``Stage1Model`` holds
     CLUB (separate module)     787,968    197,376  512->512 trunk, mean and log-var heads
-    Stage1Model + CLUB      47,184,256  7,924,308  paper: +0.6 % vs AniTalker's 46.9 M
+    Stage1Model + CLUB      47,184,256  7,948,892  paper: +0.6 % vs AniTalker's 46.9 M
     ======================  ==========  =========  ==============================================
 
 The tiny renderer holds the livehead extensions ``paint``, ``inject``, ``detail`` (187,280 of
