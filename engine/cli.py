@@ -142,12 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reenact",
         help="video-driven animation: a driving video's motion on a portrait",
-        description="Read the motion of every frame of --driving with the stage-1 encoder and "
-        "render it onto --image. Self-reenactment (same person) or cross-reenactment. The "
-        "driving video's audio is kept. Weights with a trained head reader (stage1.head_reader, "
-        "the bundled tiny model) read the head's pose, place and size off every driving frame "
-        "with it, so the portrait takes the driving head's pose, place and size; the rest "
-        "(mouth, eyes) follows the video's motion relative to its first frame.",
+        description="Read the motion of every frame of --driving and render it onto --image. "
+        "Self-reenactment (same person) or cross-reenactment. The driving video's audio is "
+        "kept. Without a head reader the stage-1 encoder reads each frame (LIA). Weights with "
+        "a trained head reader (stage1.head_reader, the bundled tiny model) read the head's "
+        "pose, place and size off every driving frame with it (relative to the portrait's "
+        "reading), and with a reader of 14 fields (the bundled one) the mouth, eyelids, brows "
+        "and gaze as read; the encoder gives the rest, relative to the video's first frame.",
     )
     p.add_argument("--image", required=True, help="portrait image (face centred)")
     p.add_argument("--driving", required=True, help="driving video (any format PyAV reads)")

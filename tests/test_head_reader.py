@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
+from engine.errors import UserError
 from engine.models.stage1 import HEAD_DIMS, HeadReader, Stage1Model
 from engine.reenact import anchor_offset, driving_alpha, reenact_frames, reenact_stream
 from engine.tensors import to_tensor, to_uint8
@@ -194,7 +195,12 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     assert tr.run(_args(tmp_path / "h", done, warm_start=True, fields=14, lr=1e-9, steps=2)) == 0
     th, cfg_h, meta_h = load_weights(tmp_path / "h" / "out.safetensors", "stage1")
     assert cfg_h.stage1.head_reader_fields == 14 and th["head_reader.out.weight"].shape[0] == 14
-    assert torch.allclose(th["head_reader.out.weight"][:6], ta["head_reader.out.weight"], atol=1e-3)
+    for k in reader_keys:  # the 6 outputs and the body kept, 8 new outputs
+        if k.startswith("head_reader.out."):
+            assert torch.allclose(th[k][:6], ta[k], atol=1e-3), k
+            assert not torch.allclose(th[k][6:12], ta[k], atol=1e-3), k
+        else:
+            assert torch.allclose(th[k], ta[k], atol=1e-3), k
     assert meta_h["head_reader"]["fields"] == 14
     with pytest.raises(Exception, match="reads more than --fields 6"):
         tr.run(_args(tmp_path / "i", tmp_path / "h" / "out.safetensors", warm_start=True, fields=6))
@@ -265,6 +271,13 @@ def test_stage1_training_carries_the_reader(tmp_path: Path) -> None:
         plain, Stage1Options(run_dir=tmp_path / "b", steps=0, init_from=str(w)), DistInfo()
     )
     assert t2.model.head_reader is None
+    # a reader of another shape than the config's is refused, naming the key to set
+    for key, value in (("head_reader_fields", 6), ("head_reader_size", 256)):
+        other = load_config("tiny", [*SMALL, f"stage1.{key}={value}"])
+        with pytest.raises(UserError, match=f"stage1.{key}"):
+            Stage1Trainer(
+                other, Stage1Options(run_dir=tmp_path / key, steps=0, init_from=str(w)), DistInfo()
+            )
 
 
 @torch.no_grad()

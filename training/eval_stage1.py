@@ -57,13 +57,15 @@ Metrics (all on held-out identities, which training never sees):
 - ``reenact_mode``: "absolute" (each frame's alpha as the encoder reads it) or "read_head"
   (weights with a trained ``stage1.head_reader``; ``engine.reenact``): the head's pose, place
   and size read off every driving frame by the head reader (relative to the portrait's own
-  reading), the rest (mouth, eyes) the driving clip's motion relative to its first frame, the
-  anchor. Every reenactment here drives with a whole clip whose first frame is the anchor:
+  reading), with a reader of 14 fields the face's (mouth, eyelids, brows, gaze) as read, and
+  the rest the encoder's, relative to the driving clip's first frame, the anchor. Every
+  reenactment here drives with a whole clip whose first frame is the anchor:
   self-reenactment's is the source itself, cross-reenactment's is B's first frame (the output
   is scored on the later frames).
 - ``head_reader`` (weights with a trained reader only, else null): the reader's mean absolute
   error on held-out identities (``training.reader.evaluate_reader``): degrees, pixels at 256²,
-  relative size, and ``mae_std`` over the six fields in alpha's standardised units;
+  relative size (the face's fields in the world's units), ``mae_std`` over the head's six
+  fields in alpha's standardised units (``mae_std_face`` over the face's eight);
   ``talking_clips`` splits its error on held-out talking clips into each identity's bias and
   the frame-to-frame rest (``training.reader.reader_error_split``).
 - ``real_self_psnr``, ``real_self_ssim``: self-reenactment on face crops of the real videos in

@@ -5,10 +5,11 @@
 
 A small CNN of its own (``engine.models.stage1.HeadReader``) learns to read the head's absolute
 yaw, pitch, roll, place and size off a frame from the world's exact truth, on training
-identities only. Nothing else of the model changes: the output file is the input file plus the
-reader (marked ready), so ``livehead reenact`` and ``livehead eval stage1`` use it. Video-driven
-reenactment needs it for the offset between the driving clip's first frame and the portrait,
-which the shared encoder reads with a bias of its own for each face (model card, session 15).
+identities only, and with ``--fields 14`` the face's expression too (mouth, eyelids, brows,
+gaze). Nothing else of the model changes: the output file is the input file plus the reader
+(marked ready), so ``livehead reenact`` and ``livehead eval stage1`` use it. Video-driven
+reenactment takes those fields of every driving frame from it (``engine.reenact``): the shared
+encoder reads each face's absolute place with a bias of its own (model card, sessions 15-17).
 
 Frames: 40 % independent random poses (half of them with the head placed as in a talking
 clip), 40 % a frame of a talking clip, 20 % the identity's avatar portrait (neutral pose).
@@ -42,18 +43,10 @@ from training.common import (
     step_rngs,
     truncate_metrics,
 )
+from training.world.motion import MOTION_FIELDS
 
 # alpha[6:14] (engine.models.stage1.FACE_FIELD_*), read by a reader of 14 fields
-FACE_FIELDS = (
-    "mouth_open",
-    "mouth_width",
-    "mouth_round",
-    "blink_l",
-    "blink_r",
-    "brow",
-    "gaze_x",
-    "gaze_y",
-)
+FACE_FIELDS = MOTION_FIELDS[HEAD_DIMS : READ_FIELDS[1]]
 # read-out units of each field for the accuracy report: degrees, pixels at 256², relative size
 _UNITS = {
     "yaw_deg": 90.0,
@@ -226,6 +219,9 @@ def run(a: argparse.Namespace) -> int:
     run_dir = Path(a.run_dir)
     ckpt = run_dir / "checkpoint.pt"
     torch.manual_seed(a.seed)
+    own = {k[len("head_reader.") :]: v for k, v in tensors.items() if k.startswith("head_reader.")}
+    if a.warm_start and (not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5):
+        raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
     size = a.size or cfg.stage1.head_reader_size
     if a.warm_start and size != cfg.stage1.head_reader_size:
         raise UserError(
@@ -238,11 +234,6 @@ def run(a: argparse.Namespace) -> int:
     reader = HeadReader(size=size, fields=fields)
     before: dict[str, Any] | None = None  # the warm start's own record
     if a.warm_start:
-        own = {
-            k[len("head_reader.") :]: v for k, v in tensors.items() if k.startswith("head_reader.")
-        }
-        if not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5:
-            raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
         own = {k: v.float() for k, v in own.items()}
         for k in ("out.weight", "out.bias"):  # a reader of 6 grown to 14: new outputs fresh
             grown = reader.state_dict()[k].clone()
