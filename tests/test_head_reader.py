@@ -157,6 +157,9 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
         tr.run(_args(crashed, init))  # a run dir with a checkpoint is never overwritten
     with pytest.raises(Exception, match="--steps 5"):
         tr.run(_args(crashed, init, steps=5, resume=True))
+    for other in ({"size": 256}, {"fields": 14}):  # the checkpoint's reader has another shape
+        with pytest.raises(Exception, match="not a reader run with"):
+            tr.run(_args(crashed, init, resume=True, **other))
     assert tr.run(_args(crashed, init, resume=True)) == 0
 
     ta, cfg_a, meta_a = load_weights(straight / "out.safetensors", "stage1")
