@@ -58,7 +58,6 @@ _UNITS = {
     # the face's fields (a reader of 14) in the world's own units ([0, 1]; gaze [-1, 1])
     **{f: 1.0 for f in FACE_FIELDS},
 }
-HEAD_UNITS = tuple(_UNITS)[:HEAD_DIMS]
 
 
 def head_truth(motion: np.ndarray, fields: int = HEAD_DIMS) -> np.ndarray:
@@ -145,9 +144,9 @@ def reader_error_split(
     """Where the reader's error on talking clips lies: ``frames`` frames (every 5th) of one
     held-out clip for each of ``n_ids`` held-out identities. Each field's error splits into the
     identity's mean (``per_identity_bias``: mean absolute over identities) and what is left
-    frame to frame (``within_identity``), both in alpha's standardised units. Anchored
-    reenactment reads one frame of each face and pays both; reading more frames of a clip could
-    only remove the second, never a face's bias."""
+    frame to frame (``within_identity``), both in alpha's standardised units. Reenactment reads
+    every driving frame's head relative to the portrait's reading and pays both; averaging
+    frames could only remove the second, never a face's bias."""
     from training.world import clip_motion_only, get_identity, heldout_ids, render_frames
 
     rng = np.random.default_rng(seed)
@@ -158,9 +157,8 @@ def reader_error_split(
         errs.append(reader.read(x).numpy() - head_truth(mot, reader.fields))
     e = np.stack(errs)  # (ids, frames, fields)
     bias = e.mean(1, keepdims=True)
-    names = [k.rsplit("_", 1)[0] for k in HEAD_UNITS] + list(FACE_FIELDS)  # yaw_deg -> yaw
     return {
-        "fields": names[: reader.fields],
+        "fields": list(MOTION_FIELDS[: reader.fields]),
         "mae_std": [round(float(v), 4) for v in np.abs(e).mean((0, 1))],
         "per_identity_bias": [round(float(v), 4) for v in np.abs(bias).mean((0, 1))],
         "within_identity": [round(float(v), 4) for v in np.abs(e - bias).mean((0, 1))],

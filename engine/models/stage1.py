@@ -268,6 +268,10 @@ class HeadReader(nn.Module):
 
     coords: Tensor  # (2, size, size) x, y in [-1, 1]
     ready: Tensor  # () 1.0 once trained
+    field_mean: Tensor  # (fields,) the world's mean and spread of each field read
+    field_std: Tensor
+    mirror_sign: Tensor  # (fields,) a mirror's sign on each field (world units)
+    mirror_perm: Tensor  # (fields,) long: which field a mirror moves into each place
 
     def __init__(self, width: int = 32, size: int = 128, fields: int = HEAD_DIMS) -> None:
         super().__init__()
@@ -286,6 +290,13 @@ class HeadReader(nn.Module):
         lin = torch.linspace(-1.0, 1.0, size)
         self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
         self.register_buffer("ready", torch.zeros(()))
+        # read()'s mirroring, built once (not stored in weight files)
+        mean = torch.tensor((HEAD_FIELD_MEAN + FACE_FIELD_MEAN)[:fields])
+        std = torch.tensor((HEAD_FIELD_STD + FACE_FIELD_STD)[:fields])
+        self.register_buffer("field_mean", mean, persistent=False)
+        self.register_buffer("field_std", std, persistent=False)
+        self.register_buffer("mirror_sign", torch.tensor(_MIRROR_SIGN[:fields]), persistent=False)
+        self.register_buffer("mirror_perm", torch.tensor(_MIRROR_PERM[:fields]), persistent=False)
 
     def forward(self, img: Tensor) -> Tensor:
         x = img.float()
@@ -299,13 +310,11 @@ class HeadReader(nn.Module):
         frame, mirrored back (the eyes swapped, signs as ``HEAD_MIRROR``). Measured on held-out
         faces, mean abs error in standardised units: at step 1930 of 3000 0.150 -> 0.133 (yaw
         0.065 -> 0.047); the session-15 reader (step 3000) 0.101 -> 0.095."""
-        b, f = img.shape[0], self.fields
+        b = img.shape[0]
         both = self(torch.cat([img, img.flip(-1)]))
-        mean = torch.tensor((HEAD_FIELD_MEAN + FACE_FIELD_MEAN)[:f], device=img.device)
-        std = torch.tensor((HEAD_FIELD_STD + FACE_FIELD_STD)[:f], device=img.device)
-        sign = torch.tensor(_MIRROR_SIGN[:f], device=img.device)
-        world = (both[b:] * std + mean)[:, list(_MIRROR_PERM[:f])]  # the eyes swap places
-        mirrored = (world * sign - mean) / std
+        mean, std = self.field_mean, self.field_std
+        world = (both[b:] * std + mean)[:, self.mirror_perm]  # the eyes swap places
+        mirrored = (world * self.mirror_sign - mean) / std
         return (both[:b] + mirrored) / 2
 
 
