@@ -79,8 +79,8 @@ class Stage1Config:
     # one face to ~1 px but each face's absolute place with a bias of its own (~8 px), which
     # cross-reenactment got wrong. The renderer never reads it; it is not in the ONNX graphs.
     head_reader: bool = False
-    # the side the head reader reads frames at: 128 · 2^k (each doubling adds one stride-2 step
-    # of half the first width in front). Files without it were trained at 128.
+    # the side the head reader reads frames at: 128 · 2^k (above 128 a fine branch reads the
+    # frame at this size next to the 128² body: HeadReader). Files without it were trained at 128.
     head_reader_size: int = 128
     # what it reads: 6 (the head's pose, place and size) or 14 (also the face's expression:
     # mouth, eyelids, brows, gaze, which reenactment then takes from it, absolute).

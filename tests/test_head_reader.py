@@ -210,15 +210,25 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     r14, _, _ = load_stage1(tmp_path / "h" / "out.safetensors")
     assert r14.read_head(_frames(2, 7)).shape == (2, 14)
 
-    # --size: a reader that reads at 256² (one more stride-2 step), recorded in the config
-    with pytest.raises(Exception, match="reads at 128"):
-        tr.run(_args(tmp_path / "f", done, warm_start=True, size=256))
+    # --size: a reader that reads at 256² (a fine branch next to the 128² body), recorded in
+    # the config; a trained 128² reader grows to it and reads as before (a vanishing lr)
+    assert tr.run(_args(tmp_path / "f", done, warm_start=True, size=256, lr=1e-9, steps=2)) == 0
+    small, _, _ = load_stage1(done)
+    grown, cfg_f, _ = load_stage1(tmp_path / "f" / "out.safetensors")
+    assert grown.head_reader is not None and grown.head_reader.size == 256
+    assert cfg_f.stage1.head_reader_size == 256
+    x = _frames(3, 8, size=256)
+    torch.testing.assert_close(grown.read_head(x), small.read_head(x), atol=2e-3, rtol=0)
+    with pytest.raises(Exception, match="at that size only"):
+        grown_file = tmp_path / "f" / "out.safetensors"
+        tr.run(_args(tmp_path / "f2", grown_file, warm_start=True, size=128))
     assert tr.run(_args(tmp_path / "g", done, size=256, steps=2)) == 0
     big, _, _ = load_stage1(tmp_path / "g" / "out.safetensors")
     _, cfg_g, meta_g = load_weights(tmp_path / "g" / "out.safetensors", "stage1")
     assert big.head_reader is not None and big.head_reader.size == 256
     assert cfg_g.stage1.head_reader_size == 256 and meta_g["head_reader"]["size"] == 256
     assert big.read_head(_frames(2, 6, size=256)).shape == (2, HEAD_DIMS)
+    assert not torch.allclose(big.read_head(x), small.read_head(x), atol=2e-3)  # fresh
     with pytest.raises(ConfigError, match="128 · 2\\^k"):
         HeadReader(size=192)
 

@@ -192,7 +192,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="side the reader reads frames at, 128 · 2^k (default: the file's "
-        "stage1.head_reader_size, 128 unless set)",
+        "stage1.head_reader_size, 128 unless set); with --warm-start a reader of 128² grows "
+        "to it (a fine branch at that size, starting out as the old reader)",
     )
     p.add_argument(
         "--fields",
@@ -221,10 +222,11 @@ def run(a: argparse.Namespace) -> int:
     if a.warm_start and (not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5):
         raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
     size = a.size or cfg.stage1.head_reader_size
-    if a.warm_start and size != cfg.stage1.head_reader_size:
+    if a.warm_start and size != cfg.stage1.head_reader_size and cfg.stage1.head_reader_size != 128:
         raise UserError(
             f"--warm-start: the reader in {a.init_from} reads at "
-            f"{cfg.stage1.head_reader_size}², not --size {size}"
+            f"{cfg.stage1.head_reader_size}²; it can continue at that size only (a reader of "
+            f"128² can also grow to --size {size})"
         )
     fields = a.fields or cfg.stage1.head_reader_fields
     if a.warm_start and fields < cfg.stage1.head_reader_fields:
@@ -232,12 +234,9 @@ def run(a: argparse.Namespace) -> int:
     reader = HeadReader(size=size, fields=fields)
     before: dict[str, Any] | None = None  # the warm start's own record
     if a.warm_start:
-        own = {k: v.float() for k, v in own.items()}
-        for k in ("out.weight", "out.bias"):  # a reader of 6 grown to 14: new outputs fresh
-            grown = reader.state_dict()[k].clone()
-            grown[: len(own[k])] = own[k]
-            own[k] = grown
-        reader.load_state_dict(own)
+        # a reader of 6 grown to 14 (new outputs fresh), of 128² to a bigger size (a fine
+        # branch whose way into the body starts at zero)
+        reader.grow_from({k: v.float() for k, v in own.items()})
         reader.ready.zero_()  # ready again only once this run has finished
         prev = meta.get("head_reader")
         before = prev if isinstance(prev, dict) else {}

@@ -261,34 +261,49 @@ class HeadReader(nn.Module):
     Video-driven reenactment takes the fields it reads of every driving frame from it
     (``engine.reenact``).
 
-    (B, 3, S, S) in [-1, 1] -> (B, fields). Frames are read at ``size``² (128 unless
-    ``stage1.head_reader_size`` says otherwise) with two coordinate channels (CoordConv), so the
-    flattened 4² map knows where in the frame it looked.
+    (B, 3, S, S) in [-1, 1] -> (B, fields). Frames are read at 128² with two coordinate
+    channels (CoordConv), so the flattened 4² map knows where in the frame it looked. With
+    ``stage1.head_reader_size`` = 128 · 2^k above 128, a fine branch (k stride-2 steps of a
+    quarter of the first width) reads the frame at that size too and its 128² map joins the
+    body's input, whose first conv takes those channels with weights that start at zero: a
+    128² reader grown to a bigger size (``livehead train reader --warm-start --size 256``)
+    reads exactly as before until training uses the detail (``grow_from``).
     """
 
-    coords: Tensor  # (2, size, size) x, y in [-1, 1]
+    coords: Tensor  # (2, 128, 128) x, y in [-1, 1]
+    coords_fine: Tensor  # (2, size, size) for the fine branch (empty at 128)
     ready: Tensor  # () 1.0 once trained
     field_mean: Tensor  # (fields,) the world's mean and spread of each field read
     field_std: Tensor
     mirror_sign: Tensor  # (fields,) a mirror's sign on each field (world units)
     mirror_perm: Tensor  # (fields,) long: which field a mirror moves into each place
 
+    BASE = 128
+
     def __init__(self, width: int = 32, size: int = 128, fields: int = HEAD_DIMS) -> None:
         super().__init__()
         extra = size.bit_length() - 8  # 128 -> 0, 256 -> 1, ...
-        if extra < 0 or size != 128 << extra:
+        if extra < 0 or size != self.BASE << extra:
             raise ConfigError(f"stage1.head_reader_size must be 128 · 2^k, got {size}")
         if fields not in READ_FIELDS:
             raise ConfigError(
                 f"stage1.head_reader_fields must be one of {READ_FIELDS}, got {fields}"
             )
         self.size, self.fields = size, fields
-        front = [width // 2] * extra  # stride-2 steps down to 128² first
-        chans = [5, *front, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
+        fine = width // 4 if extra else 0
+        self.fine = plain_cnn([5] + [fine] * extra) if extra else None
+        chans = [5 + fine, width, width * 2, width * 3, width * 4, width * 6]  # RGB + x, y
         self.body = plain_cnn(chans)
         self.out = nn.Linear(chans[-1] * 4 * 4, fields)
-        lin = torch.linspace(-1.0, 1.0, size)
-        self.register_buffer("coords", torch.stack(torch.meshgrid(lin, lin, indexing="xy")))
+
+        def grid(n: int) -> Tensor:
+            lin = torch.linspace(-1.0, 1.0, n)
+            return torch.stack(torch.meshgrid(lin, lin, indexing="xy"))
+
+        self.register_buffer("coords", grid(self.BASE))
+        self.register_buffer(
+            "coords_fine", grid(size) if extra else torch.zeros(0), persistent=False
+        )
         self.register_buffer("ready", torch.zeros(()))
         # read()'s mirroring, built once (not stored in weight files)
         mean = torch.tensor((HEAD_FIELD_MEAN + FACE_FIELD_MEAN)[:fields])
@@ -300,10 +315,35 @@ class HeadReader(nn.Module):
 
     def forward(self, img: Tensor) -> Tensor:
         x = img.float()
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True)
-        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        return self.out(self.body(x).flatten(1))
+        n = x.shape[0]
+
+        def at(side: int) -> Tensor:
+            if x.shape[-1] == side:
+                return x
+            return F.interpolate(x, size=side, mode="bilinear", antialias=True)
+
+        h = torch.cat([at(self.BASE), self.coords.expand(n, -1, -1, -1)], dim=1)
+        if self.fine is not None:
+            fine = torch.cat([at(self.size), self.coords_fine.expand(n, -1, -1, -1)], dim=1)
+            h = torch.cat([h, self.fine(fine)], dim=1)
+        return self.out(self.body(h).flatten(1))
+
+    def grow_from(self, state: dict[str, Tensor]) -> None:
+        """Load a trained reader's state (``state_dict`` of a reader of 128², or of this
+        size, and of up to this many fields): the fine branch and the body's weights for its
+        channels start at zero (so the reading is the old reader's), outputs beyond the old
+        reader's fields fresh."""
+        own = self.state_dict()
+        state = dict(state)
+        for k in ("out.weight", "out.bias", "body.0.weight"):
+            old, grown = state[k], own[k].clone()
+            if k == "body.0.weight":
+                grown[:, old.shape[1] :] = 0.0
+            grown[tuple(slice(0, d) for d in old.shape)] = old
+            state[k] = grown
+        for k, v in own.items():
+            state.setdefault(k, v)  # the fine branch: this reader's fresh weights
+        self.load_state_dict(state)
 
     def read(self, img: Tensor) -> Tensor:
         """What reenactment uses: the mean of the reading of the frame and of the mirrored
