@@ -233,6 +233,28 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
         HeadReader(size=192)
 
 
+def test_read_mirrors_as_the_world_does() -> None:
+    """``HeadReader.read`` averages a frame's reading with its mirror's, mirrored back by
+    HEAD_MIRROR's signs and the eyes swapped: the world must draw a mirrored head that way.
+    Heads driven by mirrored rows land every landmark on the mirror image of the other's, the
+    left eye on the right one's."""
+    from engine.models.stage1 import HEAD_MIRROR
+    from training.world import get_identity, heldout_ids
+    from training.world.motion import MOTION_FIELDS, motion_row
+    from training.world.render import landmarks
+
+    cfg = load_config("tiny")
+    idn = get_identity(cfg.world, int(heldout_ids(cfg.world)[0]))
+    head = dict(zip(MOTION_FIELDS[:HEAD_DIMS], (0.2, 0.05, 0.04, 0.1, 0.15, 0.38), strict=True))
+    a = landmarks(idn, motion_row(**head), 256)
+    b = landmarks(idn, motion_row(**{k: v * s for (k, v), s in zip(head.items(), HEAD_MIRROR)}))
+    for name, twin in (("nose_tip", "nose_tip"), ("chin", "chin"), ("eye_l", "eye_r")):
+        np.testing.assert_allclose([255 - a[name][0], a[name][1]], b[twin], atol=1e-6)
+        np.testing.assert_allclose([255 - b[name][0], b[name][1]], a[twin], atol=1e-6)
+    perm = HeadReader(fields=14).mirror_perm.tolist()
+    assert [MOTION_FIELDS[i] for i in perm][9:11] == ["blink_r", "blink_l"]
+
+
 def test_reader_batch_truth_matches_alpha_convention() -> None:
     """The reader's targets are alpha[0:HEAD_DIMS]'s units: the world's standardised fields."""
     from training.reader import reader_batch
