@@ -164,26 +164,13 @@ def test_drawn_mouth_follows_ground_truth():
         assert dark[m["mouth_open"] == 0].max() == 0  # no inner mouth when closed
 
 
-def test_same_scale_same_face_height_for_every_identity():
-    """What cross-reenactment needs: the same rows give every identity a face of the same
-    visible size (frontal brow-to-chin height = scale / BROW_CHIN_GAIN of the image), not a
-    size that also depends on the face's hidden depth."""
-    from training.world.render import BROW_CHIN_GAIN
-
-    heights = []
-    for ident in range(12):
-        lm = landmarks(get_identity(CFG, ident), motion_row(scale=0.36), 256)
-        heights.append(lm["chin"][1] - lm["brow_mid"][1])
-    np.testing.assert_allclose(heights, 0.36 * 256 / BROW_CHIN_GAIN, rtol=1e-6)
-
-
 def test_yaw_moves_features():
     idn = _no_glasses(5)
     xs = []
     for yaw in (-0.3, 0.0, 0.3):
         img = render_frame(idn, motion_row(yaw=yaw), 256)
         ys_, xs_ = np.nonzero(_near(img, EYE_WHITE_RGB, 6))
-        assert len(xs_) > 12  # enough eye white for a mean position
+        assert len(xs_) > 20
         xs.append(xs_.mean())
         # The nose tip is pinned to loc_x, so the eyes shift the other way around it.
         nose = landmarks(idn, motion_row(yaw=yaw), 256)["nose_tip"]

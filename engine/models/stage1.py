@@ -180,8 +180,7 @@ def warp(feat: Tensor, offset: Tensor, grid: Tensor) -> Tensor:
 # The synthetic world's conventions that ``stage1.head_warp`` reads alpha with (checked against
 # training/stage1_data.aux_stats and the world's rigs by tests/test_head_warp.py): alpha[0:6]
 # = (field - mean) / std for yaw, pitch, roll (degrees/90), loc_x, loc_y (the nose tip, image
-# coords in [-1, 1]) and scale (the frontal brow-to-chin height x the world's BROW_CHIN_GAIN,
-# over the image height).
+# coords in [-1, 1]) and scale (the 3D brow-to-chin distance over the image height).
 HEAD_FIELD_MEAN = (0.000986, 0.000110, -0.000330, 0.000613, 0.119308, 0.359783)
 HEAD_FIELD_STD = (0.148072, 0.069854, 0.050353, 0.069548, 0.050033, 0.034789)
 HEAD_DIMS = len(HEAD_FIELD_MEAN)  # alpha[0:6]: the head's pose, place and size
@@ -196,8 +195,7 @@ READ_FIELDS = (HEAD_DIMS, HEAD_DIMS + len(FACE_FIELD_MEAN))  # what a head reade
 _MIRROR_SIGN = (*HEAD_MIRROR, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0)
 _MIRROR_PERM = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11, 12, 13)
 # Mean over identities of the nose tip (head-local, head units, the cranium's centre at the
-# origin; x right, y up, z towards the camera) and of what `scale` measures in head units (the
-# rig's ``brow_chin``).
+# origin; x right, y up, z towards the camera) and of the 3D brow-to-chin distance.
 HEAD_NOSE_TIP = (0.0, -0.3473, 0.9518)
 HEAD_BROW_CHIN = 1.4297
 

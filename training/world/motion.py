@@ -9,7 +9,7 @@ float32 fields, all ground truth the renderer obeys exactly.
 | ``pitch`` | degrees/90 | head nod; + lifts the face (nose moves up) |
 | ``roll`` | degrees/90 | head tilt; + turns the head counter-clockwise on screen |
 | ``loc_x``, ``loc_y`` | [-1, 1] image coords (x right, y down) | where the nose tip is drawn |
-| ``scale`` | fraction of image height | frontal brow-to-chin height × 1.2058 (``BROW_CHIN_GAIN``) |
+| ``scale`` | fraction of image height | brow-to-chin distance (3D; ~0.83 of it shows frontally) |
 | ``mouth_open`` | [0, 1] | lip opening (0 closed) |
 | ``mouth_width`` | [0, 1] | lip-corner spread (0.5 neutral) |
 | ``mouth_round`` | [0, 1] | lip rounding ("oo") |
@@ -18,11 +18,12 @@ float32 fields, all ground truth the renderer obeys exactly.
 | ``gaze_x``, ``gaze_y`` | [-1, 1] (±1 ≈ ±30° eye turn) | pupils; + is image right / up |
 
 Head translation and size are motion too: the renderer places and sizes the head so that the
-nose tip lands on (loc_x, loc_y) and the brow-to-chin height a frontal view would show, times
-``BROW_CHIN_GAIN``, is ``scale`` of the image height, for every identity and pose. Motion
-synthesis walks head offset and size and records the resulting loc/scale, so the recorded values
-are exactly what each frame shows, and a different identity driven by the same rows
-(cross-reenactment) shows the same nose position and face size.
+nose tip lands on (loc_x, loc_y) and the brow-to-chin distance (the 3D one, in the head's own
+frame, depth included) equals ``scale`` of the image height for every identity and pose.
+Motion synthesis walks head offset and size and records the resulting loc/scale, so the recorded
+values are exactly what each frame shows, and a different identity driven by the same rows
+(cross-reenactment) shows the same nose position and face size (the frontal height of two faces
+of one ``scale`` differs by ~2 %, the part of their depth a frontal view does not show).
 
 Clip motion (``clip_motion``): the mouth follows the audio deterministically (``mouth_track``);
 head pose, position and size are slow random walks (Ornstein-Uhlenbeck, smoothed) with nods on

@@ -68,17 +68,6 @@ _BLUSH = _c255((0.9, 0.35, 0.4))
 _LENS = _c255((0.9, 0.95, 1.0))
 
 
-# What `scale` measures, in head units: the brow-to-chin height a frontal view shows, times this
-# gain. Until session 18 it was the 3D distance between the two points, which also counts their
-# depth difference (0.80 +- 0.03 head units, hidden in a frontal view): two identities driven by
-# the same rows then showed faces that differed in size by 2 % (standard deviation) for no
-# visible reason, so no reader of a driving video could know the size cross-reenactment's
-# ground truth wanted. The gain is the mean ratio of that 3D distance to the frontal height over
-# the training rigs (1.4297 / 1.1857), so faces keep their average size (and the engine's
-# HEAD_BROW_CHIN its value).
-BROW_CHIN_GAIN = 1.2058
-
-
 # --------------------------------------------------------------------------------------------
 # Per-identity rig: feature anchors in head-local coordinates, and colours (both cached)
 # --------------------------------------------------------------------------------------------
@@ -86,7 +75,7 @@ BROW_CHIN_GAIN = 1.2058
 class _Rig:
     names: dict[str, int]
     frames: np.ndarray  # (4F, 3) float64: F anchor points, then F u, F v, F normal vectors
-    brow_chin: float  # BROW_CHIN_GAIN x the frontal brow-to-chin height, head units
+    brow_chin: float  # 3D distance between the brow midpoint and the chin, head units
     colors: dict[str, np.ndarray]  # float32 (3, 1, 1) in [0, 255]
 
 
@@ -176,7 +165,7 @@ def _rig(idn: Identity) -> _Rig:
         "shirt": _c255(idn.shirt),
         "glasses": _c255(idn.glasses_color),
     }
-    brow_chin = BROW_CHIN_GAIN * float(frames[names["brow_mid"]][1] - chin[1])
+    brow_chin = float(np.linalg.norm(frames[names["brow_mid"]] - chin))
     return _Rig(names, frames, brow_chin, colors)
 
 
@@ -304,8 +293,10 @@ class _Frame:
         rf = (rig.frames @ R.T).tolist()  # python floats: cheaper than numpy scalars here
         f = len(rig.names)
         self.P, self.U, self.V, self.N = rf[:f], rf[f : 2 * f], rf[2 * f : 3 * f], rf[3 * f :]
-        # Size: the brow-to-chin height as seen frontally (so independent of the pose), times
-        # BROW_CHIN_GAIN, must be `scale` of the image height.
+        # Size: the brow-to-chin distance (3D, in head units, so independent of the pose) must
+        # be `scale` of the image height. Its depth part (0.80 +- 0.03 head units) does not show
+        # in a frontal view; a frontal-height definition was measured in session 18 and read
+        # no better (model card).
         self.K = float(row["scale"]) * size / rig.brow_chin  # pixels per head unit
         # Origin: the nose tip must land on (loc_x, loc_y).
         tip = self.P[rig.names["nose_tip"]]
