@@ -330,9 +330,9 @@ class HeadReader(nn.Module):
 
     def grow_from(self, state: dict[str, Tensor]) -> None:
         """Load a trained reader's state (``state_dict`` of a reader of 128², or of this
-        size, and of up to this many fields): the fine branch and the body's weights for its
-        channels start at zero (so the reading is the old reader's), outputs beyond the old
-        reader's fields fresh."""
+        size, and of up to this many fields): the fine branch fresh, the body's weights for its
+        channels zero (so the reading is the old reader's), outputs beyond the old reader's
+        fields fresh."""
         own = self.state_dict()
         state = dict(state)
         for k in ("out.weight", "out.bias", "body.0.weight"):
