@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ConfigError, load_config
 from engine.errors import UserError
-from engine.models.stage1 import HEAD_DIMS, HeadReader, Stage1Model
+from engine.models.stage1 import HEAD_DIMS, HEAD_MIRROR, HeadReader, Stage1Model
 from engine.reenact import anchor_offset, driving_alpha, reenact_frames, reenact_stream
 from engine.tensors import to_tensor, to_uint8
 from engine.weights import KEEP_FP32, load_weights, save_weights
@@ -219,8 +219,8 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     assert cfg_f.stage1.head_reader_size == 256
     x = _frames(3, 8, size=256)
     torch.testing.assert_close(grown.read_head(x), small.read_head(x), atol=2e-3, rtol=0)
+    grown_file = tmp_path / "f" / "out.safetensors"
     with pytest.raises(Exception, match="at that size only"):
-        grown_file = tmp_path / "f" / "out.safetensors"
         tr.run(_args(tmp_path / "f2", grown_file, warm_start=True, size=128))
     assert tr.run(_args(tmp_path / "g", done, size=256, steps=2)) == 0
     big, _, _ = load_stage1(tmp_path / "g" / "out.safetensors")
@@ -238,7 +238,6 @@ def test_read_mirrors_as_the_world_does() -> None:
     HEAD_MIRROR's signs and the eyes swapped: the world must draw a mirrored head that way.
     Heads driven by mirrored rows land every landmark on the mirror image of the other's, the
     left eye on the right one's."""
-    from engine.models.stage1 import HEAD_MIRROR
     from training.world import get_identity, heldout_ids
     from training.world.motion import MOTION_FIELDS, motion_row
     from training.world.render import landmarks

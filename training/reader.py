@@ -221,12 +221,12 @@ def run(a: argparse.Namespace) -> int:
     own = {k[len("head_reader.") :]: v for k, v in tensors.items() if k.startswith("head_reader.")}
     if a.warm_start and (not cfg.stage1.head_reader or not own or float(own["ready"]) < 0.5):
         raise UserError(f"--warm-start: {a.init_from} holds no trained head reader")
-    size = a.size or cfg.stage1.head_reader_size
-    if a.warm_start and size != cfg.stage1.head_reader_size and cfg.stage1.head_reader_size != 128:
+    held = cfg.stage1.head_reader_size
+    size = a.size or held
+    if a.warm_start and size != held and held != HeadReader.BASE:  # only 128² readers grow
         raise UserError(
-            f"--warm-start: the reader in {a.init_from} reads at "
-            f"{cfg.stage1.head_reader_size}²; it can continue at that size only (a reader of "
-            f"128² can also grow to --size {size})"
+            f"--warm-start: the reader in {a.init_from} reads at {held}²; it can continue at "
+            f"that size only (a reader of 128² can also grow to --size {size})"
         )
     fields = a.fields or cfg.stage1.head_reader_fields
     if a.warm_start and fields < cfg.stage1.head_reader_fields:
