@@ -648,6 +648,36 @@ def test_placed_heads_move_the_nose_with_the_turn() -> None:
     assert abs(corr[0.0]) < 0.4 and corr[1.0] > 0.9
 
 
+def test_placed_apart_gives_the_target_a_pivot_of_its_own() -> None:
+    """placed_apart = 0: a placed pair's source and target share one neck pivot (two frames of
+    one clip); 1: the target rests on a pivot of its own, as a cross-reenactment driver's head
+    does. The pivot is read back from the drawn nose (nose_from_pivot with the pivot at 0)."""
+    import numpy as np
+
+    from training.stage1_data import SyntheticPairs
+    from training.world import get_identity
+    from training.world.render import nose_from_pivot
+
+    cfg = load_config("tiny")
+    ident = get_identity(cfg.world, 3)
+
+    def pivot(m: np.ndarray) -> np.ndarray:
+        zero = np.zeros(1)
+        nx, ny = nose_from_pivot(ident, m, zero, zero)
+        return np.array([m["loc_x"][0] - nx[0], m["loc_y"][0] - ny[0]])
+
+    gaps = {}
+    for apart in (0.0, 1.0):
+        data = SyntheticPairs(
+            cfg.world, 32, near_pairs=0.0, negatives=False, placed_heads=1.0, placed_apart=apart
+        )
+        rng = np.random.default_rng(7)
+        pairs = [data._drawn_pair(ident, rng) for _ in range(16)]
+        gaps[apart] = np.array([np.abs(pivot(t) - pivot(s)).max() for s, t in pairs])
+    assert gaps[0.0].max() < 1e-5
+    assert (gaps[1.0] > 1e-3).mean() > 0.9
+
+
 def test_avatar_sources_are_the_portrait_and_placed_targets_follow_the_turn() -> None:
     """avatar_sources = 1: every source is the identity's avatar portrait (neutral_motion:
     frontal, centred, mouth closed), the targets vary; with placed_heads the target's nose

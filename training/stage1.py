@@ -213,6 +213,7 @@ class Stage1Trainer:
                 negatives=t.negatives and not t.renderer_only,  # else they go unused
                 expression_pairs=t.expression_pairs,
                 placed_heads=t.placed_heads,
+                placed_apart=t.placed_apart,
                 avatar_sources=t.avatar_sources,
                 mouth_pairs=t.mouth_pairs,
                 mouth_pairs_moved=t.mouth_pairs_moved,
@@ -446,6 +447,7 @@ class Stage1Trainer:
                 "w_l2": self.t.w_l2,
                 "w_perceptual": self.t.w_perceptual,
                 "mouth_pairs": self.t.mouth_pairs if self.opts.data == "synthetic" else 0.0,
+                "placed_apart": self.t.placed_apart if self.opts.data == "synthetic" else 0.0,
                 "mouth_pairs_moved": (
                     self.t.mouth_pairs_moved if self.opts.data == "synthetic" else 0.0
                 ),

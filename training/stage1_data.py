@@ -183,6 +183,7 @@ class SyntheticPairs:
         negatives: bool = True,
         expression_pairs: float = 0.0,
         placed_heads: float = 0.0,
+        placed_apart: float = 0.0,
         avatar_sources: float = 0.0,
         mouth_pairs: float = 0.0,
         mouth_pairs_moved: float = 0.0,
@@ -192,6 +193,8 @@ class SyntheticPairs:
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
         placed_heads: share of pairs whose head is placed as in a talking clip
         (``training.world.place_like_a_clip``; one neck pivot for source and target).
+        placed_apart: share of those placed pairs whose target gets a neck pivot of its own
+        (as a cross-reenactment driver's head rests where its own clip put it).
         avatar_sources: share of pairs whose source is the identity's avatar portrait
         (``neutral_motion``); a placed target then gets a pivot of its own.
         mouth_pairs: share of pairs whose target is exactly the source with a new mouth.
@@ -205,6 +208,7 @@ class SyntheticPairs:
         self.closed_source = closed_source
         self.expression_pairs = expression_pairs
         self.placed_heads = placed_heads
+        self.placed_apart = placed_apart
         self.avatar_sources = avatar_sources
         self.mouth_pairs = mouth_pairs
         self.mouth_pairs_moved = mouth_pairs_moved
@@ -246,7 +250,8 @@ class SyntheticPairs:
                 motion.place_like_a_clip(ident, m_tgt, rng)
             else:
                 pivot = motion.place_like_a_clip(ident, m_src, rng)
-                motion.place_like_a_clip(ident, m_tgt, rng, pivot)
+                apart = self.placed_apart > 0 and rng.random() < self.placed_apart
+                motion.place_like_a_clip(ident, m_tgt, rng, None if apart else pivot)
         if self.mouth_pairs > 0 and rng.random() < self.mouth_pairs:
             # the source's face (and head, unless moved); only the mouth is new (uniform)
             moved = self.mouth_pairs_moved > 0 and rng.random() < self.mouth_pairs_moved
