@@ -298,6 +298,11 @@ def test_exported_weights_evaluate(tmp_path: Path) -> None:
     for k in ("alpha_pose_r", "alpha_mouth_r"):
         assert res[k] is None or -1 <= res[k] <= 1, k
     assert 0 < res["self_psnr"] < 100 and -1 <= res["self_ssim"] <= 1
+    # per face: two faces, equal frame counts, so the headline is the mean of the list
+    for k in ("self", "cross"):
+        pairs = res[f"{k}_psnr_pairs"]
+        assert len(pairs) == 2 and abs(sum(pairs) / 2 - res[f"{k}_psnr"]) < 2e-3, k
+        assert res[f"{k}_psnr_sem"] == pytest.approx(abs(pairs[0] - pairs[1]) / 2, abs=2e-3)
     assert isinstance(res["drawn_pose_err_deg"], float) and res["drawn_pose_err_deg"] >= 0
     assert res["drawn_mouth_r"] is None or -1 <= res["drawn_mouth_r"] <= 1
 

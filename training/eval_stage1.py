@@ -12,6 +12,10 @@ Metrics (all on held-out identities, which training never sees):
   where speech shows.
 - ``cross_psnr``, ``cross_ssim``: identity A's first frame driven by identity B's clip, compared
   with the world's rendering of A with B's motion (exact ground truth).
+- ``self_psnr_pairs``, ``cross_psnr_pairs``: the same PSNRs per held-out face (per pair), in
+  order, and ``self_psnr_sem``, ``cross_psnr_sem``: their standard error (standard deviation
+  over faces / sqrt(faces)), how far the figure could move with another draw of faces. Every
+  face has as many frames, so the means above are the means of these lists.
 - ``id_leakage``: how far the cross-reenacted output moves from the right answer towards the
   driving frame. With G = ground truth (A with B's motion), D = the driving frame (B with the
   same motion) and O = output, leakage = <O - G, D - G> / ||D - G||² per frame, averaged: the
@@ -215,6 +219,14 @@ def eval_synthetic(
     def mean(xs: list[torch.Tensor]) -> float:
         return float(torch.cat(xs).mean()) if xs else float("nan")
 
+    def per_face(xs: list[torch.Tensor]) -> tuple[list[float], float | None]:
+        each = np.array([float(x.mean()) for x in xs])
+        sem = float(each.std(ddof=1) / np.sqrt(len(each))) if len(each) > 1 else None
+        return [round(float(v), 3) for v in each], sem
+
+    self_pairs, self_sem = per_face(sp)
+    cross_pairs, cross_sem = per_face(cp)
+
     r = readout_r(alphas, truths)
     pose = [MOTION_FIELDS.index(f) for f in ("yaw", "pitch", "roll")]
     move = np.concatenate(moves)
@@ -240,6 +252,10 @@ def eval_synthetic(
         "cross_psnr": mean(cp),
         "cross_ssim": mean(cs),
         "cross_psnr_true_alpha": mean(cp_true),
+        "self_psnr_pairs": self_pairs,
+        "self_psnr_sem": self_sem,
+        "cross_psnr_pairs": cross_pairs,
+        "cross_psnr_sem": cross_sem,
         "id_leakage": mean(leak),
         "copy_psnr": mean(copy),
         "self_psnr_by_head_move": by_move,
