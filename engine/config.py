@@ -303,9 +303,10 @@ class TrainStage1Config:
     # independently of the turn and the renderer drew such a shift as a turn the other way.
     # 0 = off.
     placed_heads: float = 0.0
-    # with ``placed_heads``: this fraction of the placed pairs gives the target a neck pivot of
-    # its own (a resting spot for its scale), as cross-reenactment does: the driver's head rests
-    # where the driver's clip put it, not where the portrait's neck is. 0 = one shared pivot.
+    # with ``placed_heads``: this fraction of the placed pairs whose source is not the avatar
+    # portrait (those already do) gives the target a neck pivot of its own (a resting spot for
+    # its scale), as cross-reenactment does: the driver's head rests where the driver's clip put
+    # it, not where the source's neck is. 0 = one shared pivot.
     placed_apart: float = 0.0
     # synthetic-world option: this fraction of pairs takes as source the identity's avatar
     # portrait (``neutral_motion``: frontal, centred, mouth closed, eyes open), as live and

@@ -193,8 +193,9 @@ class SyntheticPairs:
         False leaves ``Stage1Batch.negative`` None and saves a third of the rendering.
         placed_heads: share of pairs whose head is placed as in a talking clip
         (``training.world.place_like_a_clip``; one neck pivot for source and target).
-        placed_apart: share of those placed pairs whose target gets a neck pivot of its own
-        (as a cross-reenactment driver's head rests where its own clip put it).
+        placed_apart: share of those placed pairs (with a source other than the portrait,
+        whose targets always do) whose target gets a neck pivot of its own (as a
+        cross-reenactment driver's head rests where its own clip put it).
         avatar_sources: share of pairs whose source is the identity's avatar portrait
         (``neutral_motion``); a placed target then gets a pivot of its own.
         mouth_pairs: share of pairs whose target is exactly the source with a new mouth.
