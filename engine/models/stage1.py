@@ -227,10 +227,15 @@ def head_similarity(alpha_src: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     y down): scale by the sizes' ratio and rotation by the roll difference about the two
     cranium centres.
     """
-    mean = alpha.new_tensor(HEAD_FIELD_MEAN, dtype=torch.float32)
-    std = alpha.new_tensor(HEAD_FIELD_STD, dtype=torch.float32)
-    fs = alpha_src[:, :HEAD_DIMS].float() * std + mean
-    ft = alpha[:, :HEAD_DIMS].float() * std + mean
+
+    # per column with Python scalars: no host-to-device copy, so CUDA graphs can capture it
+    def fields(a: Tensor) -> Tensor:
+        a = a.float()
+        cols = [a[:, i] * HEAD_FIELD_STD[i] + HEAD_FIELD_MEAN[i] for i in range(HEAD_DIMS)]
+        return torch.stack(cols, dim=1)
+
+    fs = fields(alpha_src)
+    ft = fields(alpha)
     fs = fs.expand_as(ft)
     cs, ct = head_centre(fs), head_centre(ft)
     # sizes far outside the world's (0.2-0.6) only come from a wild alpha: keep the map finite
