@@ -229,12 +229,18 @@ async def connect(
 class AvRecording:
     """Received audio and video of one connection written to an ``Mp4Recorder`` in sync.
 
-    Audio is written back to back from its first frame; each video frame is placed at its
-    sender time relative to that first audio frame (RemoteClock). Frames are held until both
-    streams' sender reports arrived (about a second), or written with first-frame anchoring
-    when they never do."""
+    Audio is written back to back from its first frame. The livehead server starts both
+    tracks on one media time, so when the sender reports (RemoteClock) put the two first
+    frames within ``SAME_START_S`` of each other they are taken to be that common start, and
+    each video frame is placed by its own timestamp from there (exact). Otherwise (a first
+    frame lost) each video frame is placed at its sender time relative to the first audio
+    frame. Sender reports are coarse here: aiortc stamps one with the time its stream's last
+    packet was sent, so video reports run late by the encoding time and move by tens of ms
+    from one report to the next. Frames are held until both streams' reports arrived (about a
+    second), or written with first-frame anchoring when they never do."""
 
     MAX_HELD = 250  # frames (about 3 s of audio + video) before giving up on sender reports
+    SAME_START_S = 0.15  # first frames this close by the sender reports: one common start
 
     def __init__(self, recorder: Mp4Recorder, clocks: dict[str, RemoteClock]) -> None:
         self._rec = recorder
@@ -260,7 +266,11 @@ class AvRecording:
                 and self._clocks["video"].ready
                 and "audio" in self._first
             ):
-                self._t0 = self._clocks["audio"].sender_time(self._first["audio"])
+                t0 = self._t0 = self._clocks["audio"].sender_time(self._first["audio"])
+                if t0 is not None and "video" in self._first:
+                    t_v = self._clocks["video"].sender_time(self._first["video"])
+                    if t_v is not None and abs(t_v - t0) < self.SAME_START_S:
+                        self._anchored = True  # one common start: place video by its pts
             elif len(self._held) < self.MAX_HELD:
                 return
             else:
@@ -277,7 +287,8 @@ class AvRecording:
                 self._next_audio = pts + len(data)
                 self._rec.audio(data)
                 continue
-            t_sent = self._clocks["video"].sender_time(pts) if self._t0 is not None else None
+            use_sr = self._t0 is not None and not self._anchored
+            t_sent = self._clocks["video"].sender_time(pts) if use_sr else None
             if t_sent is not None and self._t0 is not None:
                 t = t_sent - self._t0
             else:
@@ -287,6 +298,6 @@ class AvRecording:
         self._held.clear()
 
     def close(self) -> None:
-        self._anchored = self._t0 is None
+        self._anchored = self._anchored or self._t0 is None
         self._drain()
         self._rec.close()
