@@ -40,6 +40,14 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | int | Non
     }
 
 
+def media_fps(pts: np.ndarray, clock_hz: float) -> float | None:
+    """The stream's own frame rate: its clock over the median pts step (a dropped frame or a late
+    arrival does not change it; ``fps``, from arrival times, is what this machine kept up)."""
+    d = np.diff(np.asarray(pts, dtype=np.float64))
+    d = d[d > 0]
+    return round(float(clock_hz / np.median(d)), 2) if len(d) else None
+
+
 def timing(arrivals: list[float]) -> dict[str, Any]:
     """fps and jitter from frame arrival times (seconds)."""
     t = np.asarray(arrivals)
@@ -79,6 +87,7 @@ async def bench_ws(url: str, pcm16: np.ndarray, token: str | None, room: str | N
         "first_frame_s": round(arrivals[0] - t_begin, 3),
         "frames": len(frames),
         **timing(arrivals),
+        "media_fps": media_fps(pts, frames[-1].sample_rate),
         "latency_ms": percentiles(latency),
         "av_offset_ms": {"p50": 0.0, "p95": 0.0, "p99": 0.0, "n": len(frames)},
         "dropped_frames": gaps + sum(1 for f in frames if f.jpeg is None),
@@ -215,6 +224,7 @@ async def bench_webrtc(
         "first_frame_s": round(video[0][0] - t_begin, 3),
         "frames": len(video),
         **timing([t for t, _ in video]),
+        "media_fps": media_fps(vpts, 90000),
         "latency_ms": percentiles(latency),
         "audio_latency_ms": percentiles(audio_latency),
         "av_offset_ms": percentiles(av_offset),

@@ -63,7 +63,8 @@ def test_bench_websocket_reports_latency(speech: Path, tmp_path: Path) -> None:
             )
 
     r = asyncio.run(scenario())
-    assert r["transport"] == "websocket" and 23 < r["fps"] < 27
+    # The stand-in engine costs nothing: the frames arrive at the stream's own 25 fps.
+    assert r["transport"] == "websocket" and r["media_fps"] == 25.0 and 20 < r["fps"] < 27
     assert r["dropped_frames"] == 0 and r["played_samples"] == r["sent_samples"]
     # Nominal: 3 frames of stand-in latency + 3 of playout = 240 ms, less the silence slack.
     assert 100 < r["latency_ms"]["p50"] < 400 and r["latency_ms"]["n"] > 40
@@ -77,7 +78,8 @@ def test_bench_webrtc_aligns_returned_audio(speech: Path) -> None:
             return await bench(base, speech, ice_addresses=["127.0.0.1"])
 
     r = asyncio.run(scenario())
-    assert r["transport"] == "webrtc" and 23 < r["fps"] < 27 and r["dropped_frames"] == 0
+    assert r["transport"] == "webrtc" and r["media_fps"] == 25.0 and 20 < r["fps"] < 27
+    assert r["dropped_frames"] == 0
     assert r["alignment"]["confidence"] > 0.5
     # A plausibility bound (the alignment found this sentence, not a second off): the latency
     # itself is `livehead bench`'s to measure; on a loaded 2-core machine p50 reached 646 ms.
@@ -135,10 +137,12 @@ def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
         )[0, 1]
         for lag in (-1, 0, 1)
     }
-    # In sync: lag 0 best. r itself stays below 1: a frame's sound window straddles an
-    # onset, and on a loaded 2-core machine a late audio packet leaves a silent gap in the
-    # recording (one 40 ms dip in a loud passage read r 0.89 with the picture in sync).
-    assert len(o) > 40 and corr[0] > 0.85, (len(o), corr)
+    # In sync: lag 0 best (a picture 40 ms early or late makes a neighbouring lag win). r itself
+    # only shows the mouth follows the sound (unrelated pictures read ~0): it stays below 1 as a
+    # frame's sound window straddles an onset, and on a loaded 2-core machine a late audio packet
+    # leaves a silent gap in the recording (a loaded CI machine read r 0.84 at lag 0 against
+    # 0.77 and 0.43 at the neighbours, with the picture in sync).
+    assert len(o) > 40 and corr[0] > 0.7, (len(o), corr)
     assert corr[0] > max(corr[-1], corr[1]), corr
 
 
