@@ -228,6 +228,8 @@ async def bench_webrtc(
         "latency_ms": percentiles(latency),
         "audio_latency_ms": percentiles(audio_latency),
         "av_offset_ms": percentiles(av_offset),
+        # Arrival minus the sender report's time for the frame's pts: for a livehead server the
+        # room's media timeline, so stalls since its first frame count too.
         "transit_ms": percentiles(transit),
         "dropped_frames": gaps,
         "alignment": {

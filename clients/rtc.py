@@ -234,10 +234,10 @@ class AvRecording:
     frames within ``SAME_START_S`` of each other they are taken to be that common start, and
     each video frame is placed by its own timestamp from there (exact). Otherwise (a first
     frame lost) each video frame is placed at its sender time relative to the first audio
-    frame. Sender reports are coarse here: aiortc stamps one with the time its stream's last
-    packet was sent, so video reports run late by the encoding time and move by tens of ms
-    from one report to the next. Frames are held until both streams' reports arrived (about a
-    second), or written with first-frame anchoring when they never do."""
+    frame. A livehead server's reports describe its media timeline exactly; other aiortc
+    senders stamp a report with the moment their stream's last packet left, so theirs move by
+    tens of ms from one to the next under load. Frames are held until both streams' reports
+    arrived (about a second), or written with first-frame anchoring when they never do."""
 
     MAX_HELD = 250  # frames (about 3 s of audio + video) before giving up on sender reports
     SAME_START_S = 0.15  # first frames this close by the sender reports: one common start

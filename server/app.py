@@ -57,6 +57,7 @@ from engine.config import Config
 from engine.errors import UserError
 from engine.session_api import SAMPLE_RATE, Controls, Session
 from server.images import AvatarCache, ImageRejected, decode_avatar
+from server.media import OPUS_RTP_CLOCK_HZ, VIDEO_CLOCK_HZ, report_media_time
 from server.room import Room, RoomSettings, RtpSubscriber, WsSubscriber, kv
 from server.wire import pack_frame
 
@@ -746,6 +747,9 @@ class LiveheadServer:
                 )
                 if mline_kind == "video":
                     self._hook_pli(t.sender, room)
+                rate = VIDEO_CLOCK_HZ if mline_kind == "video" else OPUS_RTP_CLOCK_HZ
+                if not report_media_time(t.sender, rate, room.media_unix_time):
+                    log.warning("this aiortc's sender reports stay its own (no lip-sync timeline)")
             wanted = ("audio/opus",) if mline_kind == "audio" else ("video/vp8", "video/rtx")
             caps = RTCRtpSender.getCapabilities(mline_kind).codecs
             t.setCodecPreferences([c for c in caps if c.mimeType.lower() in wanted])

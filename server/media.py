@@ -14,15 +14,18 @@ import fractions
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import av
 import numpy as np
+from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.session_api import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 VIDEO_CLOCK_HZ = 90000  # RTP video clock
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+OPUS_RTP_CLOCK_HZ = 48000  # Opus's RTP clock, whatever the content's rate
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 OPUS_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms at 16 kHz: two Opus packets per video frame
 
@@ -239,6 +242,93 @@ class PacketTrack(MediaStreamTrack):
             self._on_keyframe_needed(force)
 
 
+NTP_UNIX_OFFSET_S = 2208988800  # 1900-01-01 -> 1970-01-01
+
+
+class _TimelineReports:
+    """One sender's RTP timestamps as times on its room's media timeline (see
+    ``report_media_time``)."""
+
+    def __init__(self, clock_rate: int, unix_time: Callable[[float], float | None]) -> None:
+        self.clock_rate = clock_rate
+        self.unix_time = unix_time
+        self.origin: int | None = None  # the sender's random RTP timestamp offset
+        self.last: int | None = None  # codec timestamp of the last frame handed to the sender
+
+    def ntp(self, rtp_timestamp: int, fallback: int) -> int:
+        if self.origin is None or self.last is None:
+            return fallback
+        # The report's timestamp is the last sent frame's: unwrap it against the last frame
+        # handed over (a Python int that never wraps), so sessions past 2^32 ticks stay exact.
+        delta = (rtp_timestamp - self.origin - self.last + 2**31) % 2**32 - 2**31
+        t = self.unix_time((self.last + delta) / self.clock_rate)
+        if t is None:
+            return fallback
+        return int(round((t + NTP_UNIX_OFFSET_S) * 2**32))
+
+
+def _report_ntp(self: RTCRtpSender) -> int:
+    raw: int = self.__dict__.get("_RTCRtpSender__ntp_timestamp", 0)
+    reports: _TimelineReports | None = self.__dict__.get("_livehead_reports")
+    if reports is None:
+        return raw
+    return reports.ntp(self.__dict__.get("_RTCRtpSender__rtp_timestamp", 0), raw)
+
+
+def _store_ntp(self: RTCRtpSender, value: int) -> None:
+    self.__dict__["_RTCRtpSender__ntp_timestamp"] = value
+
+
+class _TimelineSender(RTCRtpSender):
+    """aiortc's sender with the NTP time of its sender reports read from the media timeline.
+
+    aiortc records ``__ntp_timestamp`` as the moment each packet left and writes it into the
+    next report; this data descriptor (it takes precedence over the instance attribute) returns
+    instead the time the report's RTP timestamp stands for. Everything else is aiortc's."""
+
+    _RTCRtpSender__ntp_timestamp = property(_report_ntp, _store_ntp)
+
+
+def report_media_time(
+    sender: RTCRtpSender, clock_rate: int, unix_time: Callable[[float], float | None]
+) -> bool:
+    """Make ``sender``'s RTCP sender reports pair each RTP timestamp with its media time.
+
+    ``unix_time(seconds)`` maps a codec timestamp in seconds (pts / clock rate, the room's
+    output timeline) to a ``time.time()`` instant, one fixed line per room. aiortc stamps a
+    report with the moment its stream's last packet left, which drifts from the media time by
+    event-loop delays and by every stall; receivers (browsers, the Python clients) line audio up
+    with video by these reports, so the two streams' reports must describe one timeline. With
+    this hook they do exactly, under any load; after a stall packets simply arrive late (as
+    over a slow network), for audio and video alike. Returns False (reports stay aiortc's) if
+    this aiortc's sender lacks the private attributes the hook relies on."""
+    needed = ("_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp")
+    if type(sender) is not RTCRtpSender or not all(k in sender.__dict__ for k in needed):
+        return False
+    original = getattr(sender, "_next_encoded_frame", None)
+    if original is None:
+        return False
+    reports = _TimelineReports(clock_rate, unix_time)
+
+    async def next_encoded_frame(codec: Any) -> Any:
+        # aiortc's send loop calls this right after sending a frame's last packet (no await
+        # in between), so the sender's RTP timestamp here is the previous frame's: the
+        # difference is the sender's random timestamp offset.
+        d = sender.__dict__
+        sent = d.get("_RTCRtpSender__packet_count", 0) > 0
+        if reports.origin is None and reports.last is not None and sent:
+            reports.origin = (d["_RTCRtpSender__rtp_timestamp"] - reports.last) % 2**32
+        frame = await original(codec)
+        if frame is not None:
+            reports.last = int(frame.timestamp)
+        return frame
+
+    sender._next_encoded_frame = next_encoded_frame  # type: ignore[method-assign]
+    sender.__dict__["_livehead_reports"] = reports
+    sender.__class__ = _TimelineSender
+    return True
+
+
 def int16_pcm(audio: np.ndarray) -> np.ndarray:
     """(N,) float in [-1, 1] -> (N,) int16."""
     return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
@@ -246,6 +336,8 @@ def int16_pcm(audio: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "AUDIO_TIME_BASE",
+    "OPUS_RTP_CLOCK_HZ",
+    "VIDEO_CLOCK_HZ",
     "MediaClock",
     "OpusEncoder",
     "PacketTrack",
@@ -253,5 +345,6 @@ __all__ = [
     "VIDEO_TIME_BASE",
     "Vp8Encoder",
     "int16_pcm",
+    "report_media_time",
     "video_pts",
 ]

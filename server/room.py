@@ -287,6 +287,7 @@ class Room:
         self._last_keyframe = 0.0
         # event-loop-only state
         self._out_pts = 0
+        self._media_origin_unix: float | None = None  # time.time() of output media time 0
         self._rtp: set[RtpSubscriber] = set()
         self._ws: set[WsSubscriber] = set()
         self._flush_waiters: list[tuple[int, Callable[[int], None]]] = []
@@ -359,6 +360,14 @@ class Room:
 
         await self.call(mark)
         return await fut
+
+    def media_unix_time(self, seconds: float) -> float | None:
+        """The ``time.time()`` instant of output media time ``seconds`` (pts / clock rate):
+        fixed when the first frame goes out, one line for audio and video alike, so RTCP
+        sender reports built on it (``report_media_time``) describe one timeline. A stall does
+        not move it: later packets are simply late. None before the first frame."""
+        origin = self._media_origin_unix
+        return None if origin is None else origin + seconds
 
     def add_rtp(self, sub: RtpSubscriber) -> None:
         self._rtp.add(sub)
@@ -739,8 +748,11 @@ class Room:
             self._out_pts += SAMPLES_PER_FRAME
             self._stamp(item, out_pts)
             # Opus decodes ``delay`` late, so the audio leaves that much before the picture
-            # (stamps and send times both: RTCP sender reports pair them for lip sync).
+            # (stamps and send times both).
             delay_s = self._opus.delay_samples / SAMPLE_RATE
+            if self._media_origin_unix is None:  # the picture of this pts leaves at t_send + delay
+                unix_send = time.time() - (time.monotonic() - t_send)
+                self._media_origin_unix = unix_send + delay_s - out_pts / SAMPLE_RATE
             for sub in list(self._rtp):
                 sub.deliver_audio(item.audio[:1])
             await asyncio.sleep(max(0.0, t_send + delay_s - time.monotonic()))

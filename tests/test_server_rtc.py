@@ -333,3 +333,88 @@ def test_viewers_alone_do_not_keep_a_room() -> None:
             await ws.close()
 
     asyncio.run(scenario())
+
+
+def test_sender_reports_describe_one_media_timeline() -> None:
+    """RTCP sender reports (what browsers line audio up with video by) map every RTP timestamp
+    onto the room's one media timeline: each report of a stream implies the same wall-clock time
+    for its first frame, and the two streams' first frames sit on the pacer's grid (20 ms Opus
+    packets, the audio stamped the encoder's look-ahead early). aiortc's own stamps (the moment
+    a packet left) moved by 0-4 ms between reports on an idle machine and by up to 160 ms with
+    the real engine in the process."""
+    from aiortc.rtp import RtcpSrPacket
+
+    from clients.rtc import NTP_UNIX_OFFSET_S, recv_audio, recv_video
+    from server.media import OpusEncoder
+
+    opus = OpusEncoder()
+    opus.encode(np.zeros(640, np.int16))
+    look_ahead_s = opus.delay_samples / 16000
+    assert look_ahead_s > 0
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with running_server() as (_, base):
+            pcm = (bursts(8.0, 48000, period_s=0.46) * 32767).astype(np.int16)
+            conn = await connect(
+                RtcOptions(base, ice_addresses=LOOPBACK), PacedPcmTrack(pcm, 48000)
+            )
+            reports: dict[str, list[tuple[int, float]]] = {"audio": [], "video": []}
+            for kind in reports:
+                receiver = conn.clocks[kind]._receiver
+                original = receiver._handle_rtcp_packet
+
+                def hook(kind: str = kind, original=original):
+                    async def handle(packet) -> None:
+                        if isinstance(packet, RtcpSrPacket):
+                            info = packet.sender_info
+                            t = info.ntp_timestamp / 2**32 - NTP_UNIX_OFFSET_S
+                            reports[kind].append((info.rtp_timestamp, t))
+                        await original(packet)
+
+                    return handle
+
+                receiver._handle_rtcp_packet = hook()
+            first: dict[str, int] = {}
+
+            async def read(kind: str) -> None:
+                while True:
+                    if kind == "video":
+                        first.setdefault(kind, int((await recv_video(conn.video)).pts))
+                    else:
+                        first.setdefault(kind, (await recv_audio(conn.audio))[0])
+
+            tasks = [asyncio.create_task(read(k)) for k in reports]
+            await wait_for(lambda: min(len(r) for r in reports.values()) >= 3, timeout=15)
+            for task in tasks:
+                task.cancel()
+            origins = {k: conn.clocks[k]._origin() for k in reports}
+            await conn.close()
+            return reports, first, origins
+
+    reports, first, origins = asyncio.run(scenario())
+    start = {}
+    for kind, rate in (("audio", 48000), ("video", 90000)):
+        # The wall-clock time each report implies for the stream's first received frame.
+        implied = [
+            t - (((rtp - origins[kind]) % 2**32) - first[kind]) / rate for rtp, t in reports[kind]
+        ]
+        assert max(implied) - min(implied) < 1e-4, (kind, np.diff(implied) * 1000)
+        start[kind] = implied[0]
+    # Video frames start on 40 ms, audio packets on 20 ms steps stamped look_ahead_s early.
+    steps = (start["video"] - start["audio"] - look_ahead_s) / 0.02
+    assert abs(steps - round(steps)) < 0.01, (start["video"] - start["audio"]) * 1000
+
+
+def test_sender_report_times_unwrap_long_sessions() -> None:
+    from server.media import NTP_UNIX_OFFSET_S, _TimelineReports
+
+    reports = _TimelineReports(90000, lambda s: 1000.0 + s)
+    assert reports.ntp(123, fallback=7) == 7  # nothing sent yet: aiortc's own stamp
+    reports.origin = 2**32 - 10
+    reports.last = 5 * 2**32 + 3600  # ~66 hours in: the 32-bit RTP timestamp wrapped 5 times
+    rtp = (reports.origin + reports.last) % 2**32
+    expected = (1000.0 + reports.last / 90000 + NTP_UNIX_OFFSET_S) * 2**32
+    assert abs(reports.ntp(rtp, fallback=0) - expected) < 2**32 * 1e-6
+    # A report still on the frame before the last one handed over: one frame earlier.
+    earlier = reports.ntp((rtp - 3600) % 2**32, fallback=0)
+    assert abs((expected - earlier) / 2**32 - 0.04) < 1e-6
