@@ -261,16 +261,17 @@ class AvRecording:
         self._first.setdefault(kind, pts)
         self._held.append((kind, pts, data))
         if self._t0 is None and not self._anchored:
+            # Decide once both streams' first frames and reports are in (whichever comes last).
             if (
                 self._clocks["audio"].ready
                 and self._clocks["video"].ready
                 and "audio" in self._first
+                and "video" in self._first
             ):
                 t0 = self._t0 = self._clocks["audio"].sender_time(self._first["audio"])
-                if t0 is not None and "video" in self._first:
-                    t_v = self._clocks["video"].sender_time(self._first["video"])
-                    if t_v is not None and abs(t_v - t0) < self.SAME_START_S:
-                        self._anchored = True  # one common start: place video by its pts
+                t_v = self._clocks["video"].sender_time(self._first["video"])
+                if t0 is not None and t_v is not None and abs(t_v - t0) < self.SAME_START_S:
+                    self._anchored = True  # one common start: place video by its pts
             elif len(self._held) < self.MAX_HELD:
                 return
             else:
