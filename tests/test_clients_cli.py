@@ -88,6 +88,27 @@ def test_bench_webrtc_aligns_returned_audio(speech: Path) -> None:
     assert abs(r["av_offset_ms"]["p50"]) < 80
 
 
+def test_bench_webrtc_reports_without_alignment(speech: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A server that cannot keep up drops live input, and the returned audio no longer aligns
+    with what was sent: the report still gives what it measured, says why latency is missing."""
+    import clients.bench
+
+    def no_alignment(*_args) -> tuple[int, float]:  # noqa: ANN002
+        raise ClientError("too little audio came back to align it with what was sent")
+
+    monkeypatch.setattr(clients.bench, "_envelope_lag", no_alignment)
+
+    async def scenario() -> dict:
+        async with running_server() as (_, base):
+            return await bench(base, speech, ice_addresses=["127.0.0.1"])
+
+    r = asyncio.run(scenario())
+    assert r["alignment"]["lag_ms"] is None and "too little audio" in r["alignment"]["error"]
+    assert r["latency_ms"]["n"] == 0 and r["audio_latency_ms"]["n"] == 0
+    assert r["media_fps"] == 25.0 and r["frames"] > 50 and r["av_offset_ms"]["n"] > 50
+    assert 0 < r["returned_audio_s"] <= r["audio_s"] + 3
+
+
 def test_mic_client_with_file_records(speech: Path, tmp_path: Path) -> None:
     out = tmp_path / "mic.mp4"
 
