@@ -10,6 +10,7 @@ on request (a new viewer, a PLI) for all viewers at once.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import fractions
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import av
 import numpy as np
 from aiortc import RTCRtpSender
+from aiortc.clock import datetime_to_ntp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.session_api import SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -242,9 +244,6 @@ class PacketTrack(MediaStreamTrack):
             self._on_keyframe_needed(force)
 
 
-NTP_UNIX_OFFSET_S = 2208988800  # 1900-01-01 -> 1970-01-01
-
-
 class _TimelineReports:
     """One sender's RTP timestamps as times on its room's media timeline (see
     ``report_media_time``)."""
@@ -264,7 +263,7 @@ class _TimelineReports:
         t = self.unix_time((self.last + delta) / self.clock_rate)
         if t is None:
             return fallback
-        return int(round((t + NTP_UNIX_OFFSET_S) * 2**32))
+        return datetime_to_ntp(datetime.datetime.fromtimestamp(t, datetime.UTC))
 
 
 def _report_ntp(self: RTCRtpSender) -> int:
