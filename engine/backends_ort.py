@@ -36,7 +36,7 @@ from engine.models.stage2 import Stage2Nets
 
 MANIFEST = "manifest.json"
 GRAPHS = ("stage1_encode", "stage1_motion", "stage1_render", "stage2_encode", "stage2_denoise")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graphs written with arithmetic lerp (engine.models.layers.lerp)
 
 
 def model_fingerprint(stage1: Stage1Model, stage2: Stage2Nets, plan: dict[str, int]) -> str:

@@ -489,3 +489,22 @@ def test_upsample_fast_path_matches_reference(taps) -> None:
     assert (up.fir4_a is not None) == (len(taps) == 4)
     x = torch.randn(2, 3, 7, 9)
     torch.testing.assert_close(up(x), _upfirdn2d_reference(x, up.kernel, 2, 1, up.pad))
+
+
+def test_lerp_while_exporting_is_the_same_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine.models.layers.lerp: torch.lerp in eager PyTorch, start + w·(end - start) while
+    exporting to ONNX (no Where nodes); the two agree to fp32 rounding, for tensor weights on
+    both sides of torch's 0.5 branch point and for the upsampler's scalar weight."""
+    from engine.models.layers import Upsample, lerp
+
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    w = torch.rand(2, 1, 8, 8)
+    eager = lerp(a, b, w)
+    assert torch.equal(eager, torch.lerp(a, b, w))
+    up = Upsample([1, 3, 3, 1])
+    x = torch.randn(1, 2, 5, 6)
+    up_eager = up(x)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(lerp(a, b, w), eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lerp(a, b, 0.25), torch.lerp(a, b, 0.25), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(up(x), up_eager, atol=1e-6, rtol=1e-6)

@@ -138,6 +138,17 @@ class Blur(nn.Module):
         return upfirdn2d(x, self.kernel, pad=self.pad)
 
 
+def lerp(start: Tensor, end: Tensor, weight: Tensor | float) -> Tensor:
+    """``torch.lerp`` (one fused kernel in eager PyTorch), written as start + weight·(end -
+    start) while exporting to ONNX: the exporter's lerp computes both of torch's branches and
+    picks one per element with Where (6-7 ops over the tensor instead of 3; in the tiny render
+    graph its 66 Where nodes alone took 11.8 of 154 ms a call on 2 cores). The two agree to fp32
+    rounding."""
+    if torch.onnx.is_in_onnx_export():
+        return start + weight * (end - start)
+    return torch.lerp(start, end, weight)
+
+
 def upsample2_fir4(x: Tensor, a: float) -> Tensor:
     """×2 upsampling by a symmetric 4-tap FIR [a, 1-a, 1-a, a] per axis (gain included), zero
     beyond the border: equal to ``upfirdn2d(x, kernel, up=2, pad=(2, 1))`` for that kernel.
@@ -150,12 +161,12 @@ def upsample2_fir4(x: Tensor, a: float) -> Tensor:
     b, c, h, w = x.shape
     xp = F.pad(x, [1, 1, 1, 1])  # zero border
     mid = xp[..., 1:-1]
-    x2 = torch.stack(
-        [torch.lerp(mid, xp[..., :-2], a), torch.lerp(mid, xp[..., 2:], a)], dim=-1
-    ).reshape(b, c, h + 2, 2 * w)
+    x2 = torch.stack([lerp(mid, xp[..., :-2], a), lerp(mid, xp[..., 2:], a)], dim=-1).reshape(
+        b, c, h + 2, 2 * w
+    )
     mid = x2[..., 1:-1, :]
     return torch.stack(
-        [torch.lerp(mid, x2[..., :-2, :], a), torch.lerp(mid, x2[..., 2:, :], a)], dim=-2
+        [lerp(mid, x2[..., :-2, :], a), lerp(mid, x2[..., 2:, :], a)], dim=-2
     ).reshape(b, c, 2 * h, 2 * w)
 
 

@@ -77,6 +77,7 @@ from engine.models.layers import (
     ResBlock,
     StyledConv,
     Upsample,
+    lerp,
     plain_cnn,
     pointwise,
 )
@@ -610,7 +611,7 @@ class ToFlow(nn.Module):
             if xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
                 # keep the decoder channels_last: a layout mix makes every later op slow
                 warped = warped.contiguous(memory_format=torch.channels_last)
-            x_next = torch.lerp(xf, warped, mask)  # = fw + x·(1-m), one pass
+            x_next = lerp(xf, warped, mask)  # = fw + x·(1-m), one pass
         return fw, x_next, raw
 
 
