@@ -101,6 +101,9 @@ async def bench_ws(url: str, pcm16: np.ndarray, token: str | None, room: str | N
 def _envelope_lag(sent: np.ndarray, received: np.ndarray, rate: int) -> tuple[int, float]:
     """Lag L (samples) with received[j] ~ sent[j - L], and the normalised peak (0..1).
 
+    L may be negative: ``received`` starts at the first packet that came back, and a server
+    whose output begins with audio sent a little after the client started (its first
+    milliseconds of input went before the session was up) returns sent[-L] first.
     Coarse search on 10 ms energy envelopes (robust to Opus and resampling), refined on the
     waveform within +-10 ms."""
     hop = rate // 100
@@ -114,17 +117,22 @@ def _envelope_lag(sent: np.ndarray, received: np.ndarray, rate: int) -> tuple[in
     if len(es) < 10 or len(er) < len(es) // 2:
         raise ClientError("too little audio came back to align it with what was sent")
     n = 1 << int(np.ceil(np.log2(len(es) + len(er))))
-    xc = np.fft.irfft(np.fft.rfft(er, n) * np.conj(np.fft.rfft(es, n)), n)[: len(er)]
-    coarse = int(np.argmax(xc)) * hop
-    peak = float(xc.max() / (np.linalg.norm(es) * np.linalg.norm(er) + 1e-9))
+    xc = np.fft.irfft(np.fft.rfft(er, n) * np.conj(np.fft.rfft(es, n)), n)
+    # xc[k] = sum_j er[j + k] es[j]: lags 0 .. len(er)-1 at the front, negative ones wrapped
+    lags = np.concatenate([np.arange(-(len(es) - 1), 0), np.arange(len(er))])
+    xc = np.concatenate([xc[n - len(es) + 1 :], xc[: len(er)]])
+    i = int(np.argmax(xc))
+    coarse = int(lags[i]) * hop
+    peak = float(xc[i] / (np.linalg.norm(es) * np.linalg.norm(er) + 1e-9))
     best, best_v = coarse, -np.inf
     s = sent.astype(np.float64)
     r = received.astype(np.float64)
-    for lag in range(max(0, coarse - hop), coarse + hop + 1, 4):
-        m = min(len(s), len(r) - lag)
+    for lag in range(coarse - hop, coarse + hop + 1, 4):
+        r0, s0 = max(0, lag), max(0, -lag)  # received[r0 + j] ~ sent[s0 + j]
+        m = min(len(s) - s0, len(r) - r0)
         if m <= 0:
             continue
-        v = float(np.dot(r[lag : lag + m], s[:m]))
+        v = float(np.dot(r[r0 : r0 + m], s[s0 : s0 + m]))
         if v > best_v:
             best, best_v = lag, v
     return best, peak

@@ -169,9 +169,11 @@ class StreamConfig:
     max_backlog_s: float = 120.0  # un-pulled output + pending input; a push beyond is refused
     max_push_s: float = 60.0  # longest chunk one push_audio call may carry
     speech_rms: float = 0.01  # frames at least this loud (RMS of [-1, 1] audio) are "speech"
-    # Live catch-up: a window whose audio came in more than this long before its render would
-    # start is not rendered (its frames repeat the previous image and count as dropped; audio
-    # and motion stay). 0 = off: every frame rendered, output independent of timing.
+    # Live catch-up: a window whose images would be done more than this long after its newest
+    # audio came in (the wait so far plus the recent render time) is not rendered (its frames
+    # repeat the previous image and count as dropped; audio and motion stay). 0 = off: every
+    # frame rendered, output independent of timing. Live sessions of the Python API and
+    # `livehead bench stream`; `livehead serve`'s rooms use server.render_deadline_ms.
     render_deadline_ms: float = 0.0
 
 
@@ -193,6 +195,15 @@ class ServerConfig:
     # queued input passes input_lead_frames + playout_frames + live_catchup_slack_ms, the oldest
     # excess is dropped (bounded latency wins over completeness). WebSocket input is never dropped.
     live_catchup_slack_ms: int = 60
+    # Cores too slow to render in real time: a window whose images would be done more than this
+    # after its newest audio was due in the session (by the media clock's schedule, or its
+    # arrival if later; the wait so far plus the recent render time) is not rendered (its frames
+    # repeat the last image; audio, motion and timing go on), so the room keeps up by repeating
+    # images instead of stalling the clock, piling up latency and dropping microphone audio.
+    # -1: (playout_frames + input_lead_frames) frames less 20 ms, the time a window has before
+    # its first frame is sent (180 ms with the defaults); 0: off, every frame rendered. Rooms'
+    # sessions only (stream.render_deadline_ms is the Python API's and `livehead bench`'s).
+    render_deadline_ms: float = -1.0
     presenter_grace_s: float = 10.0  # a room without its presenter closes (viewers too) after this
     # Encoding (once per room, shared by every viewer)
     video_bitrate: int = 1_000_000

@@ -53,8 +53,12 @@ class Controls:
 class Session(Protocol):
     """A live session: audio in (any chunk size and sample rate), frames with pts out."""
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    def push_audio(
+        self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, arrived: float | None = None
+    ) -> None:
         """Append audio. ``samples``: (N,) or (N, C) float32/float64 in [-1, 1] or int16.
+        ``arrived``: when a live source delivered it (``time.monotonic()``; default now): a
+        live session with ``stream.render_deadline_ms`` counts the audio's wait from then.
         Raises ``engine.errors.UserError`` on bad input (NaN/inf, wrong dtype, after close)."""
 
     def push_silence(self, n_samples: int) -> None:

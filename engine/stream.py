@@ -29,10 +29,12 @@ output audio is the input delayed by the engine's latency. A consumer that stops
 pts, so the played audio stays continuous. Frames that would lose their image before they are
 even pulled are not rendered at all. Un-pulled audio is bounded too: a push that would take
 the backlog past ``stream.max_backlog_s`` is refused with a UserError (pull, or interrupt).
-A live deployment on a slow machine may set ``stream.render_deadline_ms``: a window whose audio
-has waited longer than that when its turn to render comes is not rendered (video repeats, audio
-and motion go on), so the stream catches up instead of falling further behind. Off by default,
-since it makes the output depend on timing.
+A live deployment on a slow machine may set ``stream.render_deadline_ms``: a window whose images
+would be done more than that after its newest audio came in (``push_audio``'s ``arrived``, or
+the push; the wait so far plus the recent compute of a window) is not rendered (video repeats,
+audio and motion go on), so the stream catches up instead of falling further behind. Off by
+default, since it makes the output depend on timing; ``livehead serve``'s rooms use
+``server.render_deadline_ms`` (on by default), counted from the media clock's schedule.
 
 Interrupt (barge-in) drops everything not yet pulled (queued frames, pending input audio and
 features, generated motion) and returns the position of the next unplayed sample; new audio
@@ -65,6 +67,7 @@ from engine.backends import (
 )
 from engine.config import (
     Config,
+    ServerConfig,
     check_sampling,
     from_dict,
     load_config,
@@ -75,7 +78,7 @@ from engine.diffusion import DiffusionSchedule
 from engine.errors import UserError
 from engine.models.stage1 import Stage1Model
 from engine.models.stage2 import Stage2Nets
-from engine.session_api import SAMPLE_RATE, SAMPLES_PER_FRAME, Controls, OutputFrame
+from engine.session_api import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Controls, OutputFrame
 from engine.tensors import to_tensor, to_uint8
 from engine.windowing import ControlTrack, MotionStreamer, Stage2Backend, WindowPlan
 
@@ -382,31 +385,46 @@ class Engine:
         seed: int = 0,
         controls: Controls | ControlTrack | None = None,
         live: bool = True,
+        render_deadline_ms: float | None = None,
     ) -> StreamSession:
         """A new live session (``engine.session_api.Session``). ``avatar``: an Avatar, an RGB
         array, or None for the bundled portrait. ``controls``: fixed Controls, or a
         ControlTrack of per-frame controls (offline pose files; the session then owns it).
-        ``live=False`` (offline rendering): never skip windows for ``render_deadline_ms``."""
+        ``live=False`` (offline rendering): never skip windows for a render deadline.
+        ``render_deadline_ms``: this session's (None: ``stream.render_deadline_ms``)."""
         if avatar is None:
             avatar = self.default_avatar()
         elif not isinstance(avatar, Avatar):
             avatar = self.prepare_avatar(avatar)
-        return StreamSession(self, avatar, seed, controls, live=live)
+        return StreamSession(
+            self, avatar, seed, controls, live=live, render_deadline_ms=render_deadline_ms
+        )
 
     def resolved_config(self) -> dict[str, Any]:
         return to_dict(self.cfg)
 
 
+def server_render_deadline_ms(server: ServerConfig) -> float:
+    """``server.render_deadline_ms``, with -1 resolved: the time a room gives a window between
+    its newest audio being due in the session and its first frame's send time, (playout_frames
+    + input_lead_frames) frames, less 20 ms (180 ms with the defaults)."""
+    if server.render_deadline_ms >= 0:
+        return float(server.render_deadline_ms)
+    return max(0.0, (server.playout_frames + server.input_lead_frames) * 1000.0 / FPS - 20.0)
+
+
 def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: ANN201
     """For ``livehead serve`` (a ``server.app.SessionFactory``): ``make(avatar_rgb) -> Session``
     per room over one shared engine — ``engine``, or the bundled weights loaded here. ``cfg``
-    supplies the stream/server sections and runtime stage-2 keys."""
+    supplies the stream/server sections and runtime stage-2 keys; each room's session has
+    ``server.render_deadline_ms``."""
     if engine is None:
         engine = Engine.load(config=cfg)
     shared = engine
+    deadline_ms = server_render_deadline_ms(cfg.server)
 
     def make_session(avatar_rgb: np.ndarray) -> StreamSession:
-        return shared.session(shared.prepare_avatar(avatar_rgb))
+        return shared.session(shared.prepare_avatar(avatar_rgb), render_deadline_ms=deadline_ms)
 
     return make_session
 
@@ -524,6 +542,7 @@ class StreamSession:
         seed: int = 0,
         controls: Controls | ControlTrack | None = None,
         live: bool = True,
+        render_deadline_ms: float | None = None,
     ) -> None:
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise UserError(f"seed must be an integer >= 0, got {seed!r}")
@@ -536,7 +555,9 @@ class StreamSession:
         self._max_push_s = st.max_push_s
         self._speech_rms = st.speech_rms
         # Offline rendering (live=False) never skips a window, whatever the config says.
-        self._deadline_s = st.render_deadline_ms / 1000.0 if live else 0.0
+        deadline_ms = st.render_deadline_ms if render_deadline_ms is None else render_deadline_ms
+        self._deadline_s = max(0.0, float(deadline_ms)) / 1000.0 if live else 0.0
+        self._render_estimate_s = 0.0  # recent render time of a window (the deadline's)
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -580,7 +601,9 @@ class StreamSession:
         """Input samples handed out by ``pull`` so far (the interrupt position)."""
         return self._pulled_frames * SAMPLES_PER_FRAME
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    def push_audio(
+        self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, arrived: float | None = None
+    ) -> None:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer):
             raise UserError(f"sample_rate must be an integer, got {sample_rate!r}")
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
@@ -598,6 +621,8 @@ class StreamSession:
             self._check_open()
             self._check_backlog(int(math.ceil(n * SAMPLE_RATE / sample_rate)))
             t = time.monotonic()
+            if arrived is not None:
+                t = min(t, float(arrived))  # a live source's own arrival time (the deadline's)
             if sample_rate == SAMPLE_RATE:
                 x16 = self._flush_resampler()
                 x16 = np.concatenate([x16, x]) if x16.size else x
@@ -827,6 +852,11 @@ class StreamSession:
             t0 = time.perf_counter()
             images = to_uint8(self.engine.stage1.render(av.h, av.feats, alpha))
             stage["render_ms"] = (time.perf_counter() - t0) * 1000
+            # the window's whole compute (features, motion, render): what a late window costs;
+            # a slow one counts at once, a fast one a third (the deadline errs on skipping)
+            took = sum(v for k, v in stage.items() if k.endswith("_ms")) / 1000
+            est = self._render_estimate_s
+            self._render_estimate_s = max(took, 0.7 * est + 0.3 * took)
             self.stats.frames_rendered += n_keep
         else:
             stage["render_ms"] = 0.0
@@ -870,12 +900,18 @@ class StreamSession:
             self._enforce_queue_limit()
 
     def _too_late(self, index: int) -> bool:
-        """Live catch-up (stream.render_deadline_ms): has window ``index``'s newest audio
-        waited too long already?"""
+        """Live catch-up (the render deadline): would window ``index``'s images be done more
+        than the deadline after its newest audio came in (the wait so far plus the recent
+        render time)?"""
         if self._deadline_s <= 0:
             return False
         newest = self._origin * SAMPLES_PER_FRAME + self.plan.samples_needed(index) - 1
-        return time.monotonic() - self._arrival_time(newest) > self._deadline_s
+        waited = time.monotonic() - self._arrival_time(newest)
+        if waited + self._render_estimate_s <= self._deadline_s:
+            return False
+        # skipped: forget a slow render bit by bit, so one hiccup does not stop the video
+        self._render_estimate_s *= 0.8
+        return True
 
     def _arrival_time(self, sample: int) -> float:
         """When absolute input sample ``sample`` arrived (monotonic seconds)."""

@@ -547,7 +547,14 @@ class Room:
             self._pending_samples -= n
             with self._lock:
                 self._queued_input_samples -= n
-            self.session.push_audio(x, SAMPLE_RATE)
+            # Counted from when it could first go in: the media clock's schedule for its last
+            # sample (clock + lead reaching it; a stall moves that too) or its arrival, the
+            # later. A session with a render deadline (server.render_deadline_ms) skips
+            # rendering a window the worker reaches that far behind, so a host too slow for
+            # real time repeats images instead of stalling the clock and dropping the
+            # microphone's audio.
+            due = self.clock.wall_time(self._pushed + n - self.settings.lead_samples)
+            self.session.push_audio(x, SAMPLE_RATE, arrived=max(due, t_arrival))
             self._add_segment(self._pushed, self._pushed + n, True, t_arrival)
             self._pushed += n
             self._speech_end = self._pushed

@@ -139,7 +139,10 @@ class StandInSession:
     def latency_samples(self) -> int:
         return self.latency_frames * SAMPLES_PER_FRAME
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    def push_audio(
+        self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, arrived: float | None = None
+    ) -> None:
+        del arrived  # the stand-in renders nothing, so it never falls behind
         x = _as_mono_float(samples)
         if not isinstance(sample_rate, int | np.integer) or not 4000 <= sample_rate <= 192000:
             raise UserError(f"sample_rate must be an integer in [4000, 192000], got {sample_rate}")

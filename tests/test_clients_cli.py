@@ -270,3 +270,20 @@ def test_client_errors_are_one_line(tmp_path: Path, speech: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["client", "bench", "--url", "ftp://x", "--audio", str(speech)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("lag", [2400, 0, -6000])
+def test_bench_alignment_finds_early_and_late_returns(lag: int) -> None:
+    """The returned audio lags what was sent (the usual case), or starts with audio sent
+    after the client began (a server that joined its first ~100 ms late; seen on a 2-core
+    machine at -59 to -355 ms): both align, to the sample, with a confident peak."""
+    from clients.bench import _envelope_lag
+
+    rate = 48000
+    rng = np.random.default_rng(3)
+    gate = np.repeat(rng.random(60) > 0.4, rate // 20)  # 3 s of 50 ms bursts and pauses
+    sent = (rng.standard_normal(len(gate)) * 8000 * gate).astype(np.int16)
+    back = sent.astype(np.float32) / 32768
+    received = np.concatenate([np.zeros(lag, np.float32), back]) if lag >= 0 else back[-lag:]
+    found, peak = _envelope_lag(sent, received, rate)
+    assert found == lag and peak > 0.8  # (-6000: 0.89, the overlap is shorter)

@@ -7,6 +7,7 @@ import time
 
 import av
 import numpy as np
+import pytest
 
 from engine.session_api import SAMPLE_RATE, SAMPLES_PER_FRAME
 from server.room import Room, RoomSettings
@@ -39,7 +40,7 @@ class StallingSession(StandInSession):
         self.last = time.monotonic()
         self.stalls = 0
 
-    def push_audio(self, samples, sample_rate=SAMPLE_RATE):  # noqa: ANN001, ANN201
+    def push_audio(self, samples, sample_rate=SAMPLE_RATE, arrived=None):  # noqa: ANN001, ANN201
         now = time.monotonic()
         if now - self.last > self.every_s:
             time.sleep(self.stall_s)
@@ -108,7 +109,7 @@ def test_compute_time_includes_the_push() -> None:
     """The engine computes inside push_audio as well as pull: the compute metric sees both."""
 
     class SlowPush(StandInSession):
-        def push_audio(self, samples, sample_rate=SAMPLE_RATE):  # noqa: ANN001, ANN201
+        def push_audio(self, samples, sample_rate=SAMPLE_RATE, arrived=None):  # noqa: ANN001, ANN201
             time.sleep(0.04)
             super().push_audio(samples, sample_rate)
 
@@ -148,5 +149,48 @@ def test_resampler_tail_does_not_leak_across_interrupt_or_source_switch() -> Non
         room._take_input()
         x = np.concatenate([c[0] for c in room._pending])
         assert int(np.sum(np.abs(x) > 0.25)) >= 3 * 960 // 3 - 4  # all of a's 60 ms, near enough
+    finally:
+        loop.close()
+
+
+def test_input_reaches_the_session_with_the_time_it_was_due() -> None:
+    """Each push carries when its audio could first go in: the media clock's schedule for its
+    last sample (clock + lead reaching it), or its arrival at the room if that was later. A
+    session's render deadline (server.render_deadline_ms) counts from there: a worker behind
+    schedule skips images; a microphone whose audio comes in late is not held against it."""
+
+    class Recording(StandInSession):
+        def __init__(self) -> None:
+            super().__init__(FACE, size=32)
+            self.pushes: list[tuple[int, float | None]] = []
+
+        def push_audio(self, samples, sample_rate=SAMPLE_RATE, arrived=None):  # noqa: ANN001, ANN201
+            self.pushes.append((len(samples), arrived))
+            super().push_audio(samples, sample_rate)
+
+    loop = asyncio.new_event_loop()
+    try:
+        for live in (True, False):
+            session = Recording()
+            room = Room("a", session, RoomSettings(), loop)
+            lead = room.settings.lead_samples
+            # a second of audio queued at once: pushed up to clock + lead, the rest waits
+            room.push_input(pcm_frame(tone(1.0, 16000), 16000), "s", live=live)
+            t_in = time.monotonic()
+            room._step()  # one worker iteration, on this thread
+            assert session.pushes, live
+            pushed = 0
+            for n, arrived in session.pushes:
+                pushed += n
+                due = room.clock.wall_time(pushed - lead)
+                assert arrived is not None and arrived == pytest.approx(max(due, t_in), abs=0.01)
+            room.clock.delay(0.3)  # a stall: the schedule of what follows moves with it
+            time.sleep(0.5)
+            before = len(session.pushes)
+            room._step()
+            assert len(session.pushes) > before, live
+            for n, arrived in session.pushes[before:]:
+                pushed += n
+                assert arrived == pytest.approx(room.clock.wall_time(pushed - lead), abs=0.01)
     finally:
         loop.close()

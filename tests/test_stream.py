@@ -4,6 +4,7 @@ sessions, bad input, resampling, controls, bounded queues. Tiny random networks 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -419,3 +420,33 @@ def test_render_deadline_skips_late_windows_only(engine, avatar):
     assert all(np.array_equal(f.image, avatar.image) for f in frames)  # the portrait
     frames[0].image[:] = 0  # a consumer drawing on a repeated frame changes nothing else
     assert np.array_equal(frames[1].image, avatar.image) and avatar.image.any()
+
+
+def test_render_deadline_counts_from_a_live_sources_arrival(engine, avatar):
+    """``push_audio(..., arrived=t)``: a live session's render deadline counts the audio's wait
+    from t (a room passes its microphone's arrival time), so audio that queued elsewhere for
+    too long is played without its images instead of holding the stream back. The per-session
+    deadline (``Engine.session(render_deadline_ms=...)``, what ``make_session_factory`` sets
+    from server.render_deadline_ms) overrides stream.render_deadline_ms; offline sessions
+    never skip."""
+    from engine.config import load_config as load
+    from engine.stream import make_session_factory
+
+    old = time.monotonic() - 10.0
+    fresh = engine.session(avatar, render_deadline_ms=5000.0)
+    fresh.push_audio(AUDIO[:16000])  # arrived now: rendered
+    frames = fresh.pull()
+    assert frames and fresh.dropped_frames == 0
+    stale = engine.session(avatar, render_deadline_ms=5000.0)
+    stale.push_audio(AUDIO[:16000], arrived=old)  # waited 10 s already: not rendered
+    frames = stale.pull()
+    assert frames and stale.dropped_frames == len(frames) + stale.queued_frames
+    assert np.array_equal(np.concatenate([f.audio for f in frames]), AUDIO[: len(frames) * 640])
+    offline = engine.session(avatar, live=False, render_deadline_ms=5000.0)
+    offline.push_audio(AUDIO[:16000], arrived=old)
+    assert offline.pull() and offline.dropped_frames == 0
+    cfg = load("tiny", SMALL + ["server.render_deadline_ms=5000"])
+    room_session = make_session_factory(cfg, engine)(avatar.image)
+    room_session.push_audio(AUDIO[:16000], arrived=old)
+    frames = room_session.pull()
+    assert frames and room_session.dropped_frames == len(frames) + room_session.queued_frames
