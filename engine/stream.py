@@ -557,7 +557,7 @@ class StreamSession:
         # Offline rendering (live=False) never skips a window, whatever the config says.
         deadline_ms = st.render_deadline_ms if render_deadline_ms is None else render_deadline_ms
         self._deadline_s = max(0.0, float(deadline_ms)) / 1000.0 if live else 0.0
-        self._render_estimate_s = 0.0  # recent render time of a window (the deadline's)
+        self._render_estimate_s = 0.0  # recent compute of a rendered window (the deadline's)
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -622,7 +622,7 @@ class StreamSession:
             self._check_backlog(int(math.ceil(n * SAMPLE_RATE / sample_rate)))
             t = time.monotonic()
             if arrived is not None:
-                t = min(t, float(arrived))  # a live source's own arrival time (the deadline's)
+                t = min(t, float(arrived))  # when the audio was due: the deadline counts from it
             if sample_rate == SAMPLE_RATE:
                 x16 = self._flush_resampler()
                 x16 = np.concatenate([x16, x]) if x16.size else x
