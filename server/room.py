@@ -282,6 +282,9 @@ class Room:
         self._live = False  # the latest input came from a live (real-time) source
         self._compute_ms = 0.0  # engine time not yet attributed to an emitted frame
         self._last_catchup_log = 0.0
+        # frames emitted / repeated by the engine since the last "rendering behind" warning
+        self._repeat_window = [0, 0]
+        self._last_repeat_log = 0.0
         self._vp8 = Vp8Encoder(settings.video_bitrate, settings.keyframe_interval)
         self._opus = OpusEncoder()
         self._last_keyframe = 0.0
@@ -608,6 +611,28 @@ class Room:
                 ),
             )
 
+    def _note_repeats(self, repeated: bool) -> None:
+        """Tell the operator, at most every 10 s, that the engine is repeating images to keep
+        real time (server.render_deadline_ms on cores too slow for this model), and how many
+        frames it still renders."""
+        seen = self._repeat_window
+        seen[0] += 1
+        seen[1] += repeated
+        now = time.monotonic()
+        if not repeated or now - self._last_repeat_log < 10.0:
+            return
+        log.warning(
+            "rendering behind real time, repeating images %s",
+            kv(
+                room=self.name,
+                rendered_pct=round(100.0 * (seen[0] - seen[1]) / seen[0], 1),
+                frames=seen[0],
+                engine_dropped_total=self.stats.engine_dropped,
+            ),
+        )
+        self._last_repeat_log = now
+        self._repeat_window = [0, 0]
+
     def _add_segment(self, start: int, end: int, speech: bool, t_arrival: float) -> None:
         # Not merged: each keeps its own arrival time, for the latency metric. They live only
         # from push to send (a few hundred ms), so there are few.
@@ -625,6 +650,7 @@ class Room:
         drop_video = late or congested
         if f.meta.get("dropped"):
             self.stats.engine_dropped += 1  # the engine repeated an image to keep up
+        self._note_repeats(bool(f.meta.get("dropped")))
         pcm16 = int16_pcm(np.asarray(f.audio, dtype=np.float32))
         video, audio, jpeg = None, [], None
         if self._want_rtp:

@@ -194,3 +194,35 @@ def test_input_reaches_the_session_with_the_time_it_was_due() -> None:
                 assert arrived == pytest.approx(room.clock.wall_time(pushed - lead), abs=0.01)
     finally:
         loop.close()
+
+
+def test_repeated_images_are_reported_to_the_operator(caplog: pytest.LogCaptureFixture) -> None:
+    """Frames the engine repeated to keep real time are counted and logged (once per 10 s),
+    with the share still rendered: an operator learns the cores are too slow for the model."""
+
+    class Repeating(StandInSession):
+        n = 0
+
+        def pull(self):  # noqa: ANN202
+            frames = super().pull()
+            for f in frames:
+                f.meta["dropped"] = self.n % 2 == 1  # every other frame repeated
+                self.n += 1
+            return frames
+
+    loop = asyncio.new_event_loop()
+    try:
+        session = Repeating(FACE, size=32, latency_frames=1)
+        room = Room("slow", session, RoomSettings(), loop)
+        room.push_input(pcm_frame(np.zeros(8 * SAMPLES_PER_FRAME), 16000), "s")
+        with caplog.at_level("WARNING", logger="livehead.room"):
+            for _ in range(40):  # the room pushes input as its clock allows
+                room._step()
+                if session.n >= 6:
+                    break
+                time.sleep(0.02)
+    finally:
+        loop.close()
+    assert room.stats.engine_dropped >= 3
+    lines = [r.getMessage() for r in caplog.records if "repeating images" in r.getMessage()]
+    assert len(lines) == 1 and "rendered_pct=50 frames=2" in lines[0], lines
