@@ -200,9 +200,10 @@ class ServerConfig:
     # arrival if later; the wait so far plus the recent render time) is not rendered (its frames
     # repeat the last image; audio, motion and timing go on), so the room keeps up by repeating
     # images instead of stalling the clock, piling up latency and dropping microphone audio.
-    # -1: (playout_frames + input_lead_frames) frames less 20 ms, the time a window has before
-    # its first frame is sent (180 ms with the defaults); 0: off, every frame rendered. Rooms'
-    # sessions only (stream.render_deadline_ms is the Python API's and `livehead bench`'s).
+    # -1: (playout_frames + input_lead_frames) frames, the time a window has before its first
+    # frame is sent, less 50 ms to encode and send it (150 ms with the defaults; off if that
+    # leaves nothing); 0: off, every frame rendered. Rooms' sessions only
+    # (stream.render_deadline_ms is the Python API's and `livehead bench`'s).
     render_deadline_ms: float = -1.0
     presenter_grace_s: float = 10.0  # a room without its presenter closes (viewers too) after this
     # Encoding (once per room, shared by every viewer)

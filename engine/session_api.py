@@ -61,8 +61,9 @@ class Session(Protocol):
         live session with ``stream.render_deadline_ms`` counts the audio's wait from then.
         Raises ``engine.errors.UserError`` on bad input (NaN/inf, wrong dtype, after close)."""
 
-    def push_silence(self, n_samples: int) -> None:
-        """Advance the clock with silence (what a transport does when no speech arrives)."""
+    def push_silence(self, n_samples: int, arrived: float | None = None) -> None:
+        """Advance the clock with silence (what a transport does when no speech arrives);
+        ``arrived`` as for ``push_audio``."""
 
     def pull(self) -> list[OutputFrame]:
         """Frames that are ready, in pts order (may be empty). Non-blocking."""

@@ -30,11 +30,12 @@ pts, so the played audio stays continuous. Frames that would lose their image be
 even pulled are not rendered at all. Un-pulled audio is bounded too: a push that would take
 the backlog past ``stream.max_backlog_s`` is refused with a UserError (pull, or interrupt).
 A live deployment on a slow machine may set ``stream.render_deadline_ms``: a window whose images
-would be done more than that after its newest audio came in (``push_audio``'s ``arrived``, or
-the push; the wait so far plus the recent compute of a window) is not rendered (video repeats,
-audio and motion go on), so the stream catches up instead of falling further behind. Off by
-default, since it makes the output depend on timing; ``livehead serve``'s rooms use
-``server.render_deadline_ms`` (on by default), counted from the media clock's schedule.
+would be done more than that after its newest audio came in (``push_audio``'s or
+``push_silence``'s ``arrived``, or the push; the wait so far plus the recent render time) is
+not rendered (video repeats, audio and motion go on), so the stream catches up instead of
+falling further behind. Off by default, since it makes the output depend on timing;
+``livehead serve``'s rooms use ``server.render_deadline_ms`` (on by default), counted from the
+media clock's schedule.
 
 Interrupt (barge-in) drops everything not yet pulled (queued frames, pending input audio and
 features, generated motion) and returns the position of the next unplayed sample; new audio
@@ -407,10 +408,11 @@ class Engine:
 def server_render_deadline_ms(server: ServerConfig) -> float:
     """``server.render_deadline_ms``, with -1 resolved: the time a room gives a window between
     its newest audio being due in the session and its first frame's send time, (playout_frames
-    + input_lead_frames) frames, less 20 ms (180 ms with the defaults)."""
+    + input_lead_frames) frames, less 50 ms for encoding and sending the frames (150 ms with the
+    defaults)."""
     if server.render_deadline_ms >= 0:
         return float(server.render_deadline_ms)
-    return max(0.0, (server.playout_frames + server.input_lead_frames) * 1000.0 / FPS - 20.0)
+    return max(0.0, (server.playout_frames + server.input_lead_frames) * 1000.0 / FPS - 50.0)
 
 
 def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: ANN201
@@ -557,7 +559,7 @@ class StreamSession:
         # Offline rendering (live=False) never skips a window, whatever the config says.
         deadline_ms = st.render_deadline_ms if render_deadline_ms is None else render_deadline_ms
         self._deadline_s = max(0.0, float(deadline_ms)) / 1000.0 if live else 0.0
-        self._render_estimate_s = 0.0  # recent compute of a rendered window (the deadline's)
+        self._render_estimate_s = 0.0  # recent render time of a window (the deadline's)
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -636,7 +638,7 @@ class StreamSession:
                 x16 = np.concatenate([head, x16]) if head.size else x16
             self._feed(x16, t)
 
-    def push_silence(self, n_samples: int) -> None:
+    def push_silence(self, n_samples: int, arrived: float | None = None) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer):
             raise UserError(f"n_samples must be an integer, got {n_samples!r}")
         if not 0 <= n_samples <= self._max_push_s * SAMPLE_RATE:
@@ -647,6 +649,8 @@ class StreamSession:
             self._check_open()
             self._check_backlog(int(n_samples))
             t = time.monotonic()
+            if arrived is not None:
+                t = min(t, float(arrived))  # when it was due: the deadline counts from it
             # Silence is exact 16 kHz samples (a transport's clock counts them): the resampler's
             # tail goes first, and a later push at another rate starts a fresh resampler.
             head = self._flush_resampler()
@@ -851,10 +855,10 @@ class StreamSession:
             av = self._avatar
             t0 = time.perf_counter()
             images = to_uint8(self.engine.stage1.render(av.h, av.feats, alpha))
-            stage["render_ms"] = (time.perf_counter() - t0) * 1000
-            # the window's whole compute (features, motion, render): what a late window costs;
-            # a slow one counts at once, a fast one a third (the deadline errs on skipping)
-            took = sum(v for k, v in stage.items() if k.endswith("_ms")) / 1000
+            took = time.perf_counter() - t0
+            stage["render_ms"] = took * 1000
+            # what rendering a window costs (its motion is done before the deadline is checked,
+            # so it is in the wait already): a slow render counts at once, a fast one a third
             est = self._render_estimate_s
             self._render_estimate_s = max(took, 0.7 * est + 0.3 * took)
             self.stats.frames_rendered += n_keep
@@ -901,8 +905,8 @@ class StreamSession:
 
     def _too_late(self, index: int) -> bool:
         """Live catch-up (the render deadline): would window ``index``'s images be done more
-        than the deadline after its newest audio came in (the wait so far plus the recent
-        render time)?"""
+        than the deadline after its newest audio came in (the wait so far, its motion
+        included, plus the recent render time)?"""
         if self._deadline_s <= 0:
             return False
         newest = self._origin * SAMPLES_PER_FRAME + self.plan.samples_needed(index) - 1

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import logging
 import queue
@@ -67,6 +68,15 @@ T = TypeVar("T")
 FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE  # 0.04 s
 STALL_TOLERANCE_S = 0.005  # a frame this late is "on time": asyncio timers are ~1 ms coarse
 KEYFRAME_MIN_INTERVAL_S = 0.5  # PLIs from many viewers must not turn every frame into a keyframe
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Does ``fn`` accept keyword ``name`` (by name or through ``**kwargs``)?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def kv(**fields: Any) -> str:
@@ -282,9 +292,14 @@ class Room:
         self._live = False  # the latest input came from a live (real-time) source
         self._compute_ms = 0.0  # engine time not yet attributed to an emitted frame
         self._last_catchup_log = 0.0
-        # frames emitted / repeated by the engine since the last "rendering behind" warning
+        # A Session written before push_audio/push_silence took ``arrived`` still works (its
+        # windows are then timed from the push).
+        self._timed_pushes = all(
+            _takes_keyword(getattr(session, m), "arrived") for m in ("push_audio", "push_silence")
+        )
+        # frames emitted / repeated by the engine in the current 10 s window
         self._repeat_window = [0, 0]
-        self._last_repeat_log = 0.0
+        self._repeat_since = time.monotonic()
         self._vp8 = Vp8Encoder(settings.video_bitrate, settings.keyframe_interval)
         self._opus = OpusEncoder()
         self._last_keyframe = 0.0
@@ -557,7 +572,10 @@ class Room:
             # real time repeats images instead of stalling the clock and dropping the
             # microphone's audio.
             due = self.clock.wall_time(self._pushed + n - self.settings.lead_samples)
-            self.session.push_audio(x, SAMPLE_RATE, arrived=max(due, t_arrival))
+            if self._timed_pushes:
+                self.session.push_audio(x, SAMPLE_RATE, arrived=max(due, t_arrival))
+            else:
+                self.session.push_audio(x, SAMPLE_RATE)
             self._add_segment(self._pushed, self._pushed + n, True, t_arrival)
             self._pushed += n
             self._speech_end = self._pushed
@@ -567,7 +585,12 @@ class Room:
         if not self._pending and self._pushed < floor:
             # No input for a while: silence advances the timeline (idle motion, clock).
             n = floor - self._pushed
-            self.session.push_silence(n)
+            if self._timed_pushes:  # due when the clock + lead reached its last sample
+                self.session.push_silence(
+                    n, arrived=self.clock.wall_time(floor - self.settings.lead_samples)
+                )
+            else:
+                self.session.push_silence(n)
             self._add_segment(self._pushed, self._pushed + n, False, time.monotonic())
             self._pushed += n
             self.stats.silence_samples += n
@@ -612,26 +635,28 @@ class Room:
             )
 
     def _note_repeats(self, repeated: bool) -> None:
-        """Tell the operator, at most every 10 s, that the engine is repeating images to keep
-        real time (server.render_deadline_ms on cores too slow for this model), and how many
-        frames it still renders."""
+        """Every 10 s in which the engine repeated at least 5 % of the frames to keep real time
+        (server.render_deadline_ms on cores too slow for this model), tell the operator and how
+        many frames it still rendered. (A room pulls every frame at once, so the session's
+        other reason to repeat images, an overfull output queue, does not arise here.)"""
         seen = self._repeat_window
         seen[0] += 1
         seen[1] += repeated
         now = time.monotonic()
-        if not repeated or now - self._last_repeat_log < 10.0:
+        if now - self._repeat_since < 10.0:
             return
-        log.warning(
-            "rendering behind real time, repeating images %s",
-            kv(
-                room=self.name,
-                rendered_pct=round(100.0 * (seen[0] - seen[1]) / seen[0], 1),
-                frames=seen[0],
-                engine_dropped_total=self.stats.engine_dropped,
-            ),
-        )
-        self._last_repeat_log = now
+        if seen[1] >= 0.05 * seen[0]:
+            log.warning(
+                "rendering behind real time, repeating images %s",
+                kv(
+                    room=self.name,
+                    rendered_pct=round(100.0 * (seen[0] - seen[1]) / seen[0], 1),
+                    frames=seen[0],
+                    engine_dropped_total=self.stats.engine_dropped,
+                ),
+            )
         self._repeat_window = [0, 0]
+        self._repeat_since = now
 
     def _add_segment(self, start: int, end: int, speech: bool, t_arrival: float) -> None:
         # Not merged: each keeps its own arrival time, for the latency metric. They live only

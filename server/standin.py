@@ -155,7 +155,8 @@ class StandInSession:
             self._check_open()
             self._buffer = np.concatenate([self._buffer, x])
 
-    def push_silence(self, n_samples: int) -> None:
+    def push_silence(self, n_samples: int, arrived: float | None = None) -> None:
+        del arrived
         if n_samples < 0:
             raise UserError(f"n_samples must be >= 0, got {n_samples}")
         with self._lock:

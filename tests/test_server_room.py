@@ -196,6 +196,88 @@ def test_input_reaches_the_session_with_the_time_it_was_due() -> None:
         loop.close()
 
 
+def test_input_that_comes_in_after_its_slot_counts_from_its_arrival() -> None:
+    """The clock ran on without input (silence filled the gap): a chunk that comes in now was
+    due before it arrived, and its arrival is what the session gets."""
+
+    class Recording(StandInSession):
+        def __init__(self) -> None:
+            super().__init__(FACE, size=32)
+            self.pushes: list[float | None] = []
+
+        def push_audio(self, samples, sample_rate=SAMPLE_RATE, arrived=None):  # noqa: ANN001, ANN201
+            self.pushes.append(arrived)
+            super().push_audio(samples, sample_rate)
+
+    loop = asyncio.new_event_loop()
+    try:
+        session = Recording()
+        room = Room("late", session, RoomSettings(), loop)
+        time.sleep(0.3)
+        room._step()  # silence up to the clock, less the slack
+        assert room.stats.silence_samples > 0 and not session.pushes
+        room.push_input(pcm_frame(tone(0.02, 16000), 16000), "mic", live=True)
+        t_in = time.monotonic()
+        room._step()
+    finally:
+        loop.close()
+    assert session.pushes
+    assert room.clock.wall_time(room._pushed - room.settings.lead_samples) < t_in - 0.02
+    assert all(a == pytest.approx(t_in, abs=0.01) for a in session.pushes), (session.pushes, t_in)
+
+
+def test_silence_is_pushed_with_the_time_it_was_due() -> None:
+    """With no input the room fills silence once the clock is ``silence_slack`` past it; the
+    push carries its schedule (clock + lead reaching its last sample), not the moment of the
+    push, so a render deadline counts the slack too."""
+
+    class Recording(StandInSession):
+        def __init__(self) -> None:
+            super().__init__(FACE, size=32)
+            self.silences: list[tuple[int, float | None]] = []
+
+        def push_silence(self, n_samples, arrived=None):  # noqa: ANN001, ANN201
+            self.silences.append((n_samples, arrived))
+            super().push_silence(n_samples)
+
+    loop = asyncio.new_event_loop()
+    try:
+        session = Recording()
+        room = Room("q", session, RoomSettings(), loop)
+        time.sleep(0.3)
+        room._step()
+    finally:
+        loop.close()
+    (n, arrived), *_ = session.silences
+    assert arrived is not None
+    assert arrived == pytest.approx(room.clock.wall_time(n - room.settings.lead_samples), abs=1e-6)
+    assert arrived < time.monotonic() - 0.1  # slack + lead before the push
+
+
+def test_a_session_without_arrival_times_still_works() -> None:
+    """A Session written before push_audio/push_silence took ``arrived`` (the protocol's
+    optional keyword) is called without it."""
+
+    class Old(StandInSession):
+        def push_audio(self, samples, sample_rate=SAMPLE_RATE):  # noqa: ANN001, ANN201
+            super().push_audio(samples, sample_rate)
+
+        def push_silence(self, n_samples):  # noqa: ANN001, ANN201
+            super().push_silence(n_samples)
+
+    loop = asyncio.new_event_loop()
+    try:
+        room = Room("o", Old(FACE, size=32, latency_frames=1), RoomSettings(), loop)
+        room.push_input(pcm_frame(tone(0.08, 16000), 16000), "s")
+        room._step()
+        time.sleep(0.3)
+        room._step()  # and silence
+        loop.run_until_complete(asyncio.sleep(0.01))  # deliver what the worker posted
+        assert room._ready.qsize() > 0 and room.stats.silence_samples > 0
+    finally:
+        loop.close()
+
+
 def test_repeated_images_are_reported_to_the_operator(caplog: pytest.LogCaptureFixture) -> None:
     """Frames the engine repeated to keep real time are counted and logged (once per 10 s),
     with the share still rendered: an operator learns the cores are too slow for the model."""
@@ -214,15 +296,21 @@ def test_repeated_images_are_reported_to_the_operator(caplog: pytest.LogCaptureF
     try:
         session = Repeating(FACE, size=32, latency_frames=1)
         room = Room("slow", session, RoomSettings(), loop)
-        room.push_input(pcm_frame(np.zeros(8 * SAMPLES_PER_FRAME), 16000), "s")
+        room.push_input(pcm_frame(np.zeros(12 * SAMPLES_PER_FRAME), 16000), "s")
+        shifted = False
         with caplog.at_level("WARNING", logger="livehead.room"):
-            for _ in range(40):  # the room pushes input as its clock allows
+            for _ in range(60):  # the room pushes input as its clock allows
                 room._step()
-                if session.n >= 6:
+                if session.n >= 6 and not shifted:
+                    room._repeat_since -= 10.0  # as if 10 s had passed: report on the next frame
+                    shifted = True
+                if session.n >= 10:
                     break
                 time.sleep(0.02)
     finally:
         loop.close()
     assert room.stats.engine_dropped >= 3
     lines = [r.getMessage() for r in caplog.records if "repeating images" in r.getMessage()]
-    assert len(lines) == 1 and "rendered_pct=50 frames=2" in lines[0], lines
+    assert len(lines) == 1, lines
+    pct = float(lines[0].split("rendered_pct=")[1].split()[0])
+    assert 30 <= pct <= 70, lines  # every other frame repeated

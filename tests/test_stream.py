@@ -450,3 +450,18 @@ def test_render_deadline_counts_from_a_live_sources_arrival(engine, avatar):
     room_session.push_audio(AUDIO[:16000], arrived=old)
     frames = room_session.pull()
     assert frames and room_session.dropped_frames == len(frames) + room_session.queued_frames
+
+
+def test_render_deadline_counts_the_recent_render_time(engine, avatar):
+    """The deadline weighs what rendering a window has recently cost: with a render estimate
+    above the deadline the next windows are skipped, the estimate fades with each skip (one
+    slow render does not stop the video for good), and rendering resumes."""
+    s = engine.session(avatar, render_deadline_ms=150.0)
+    s._render_estimate_s = 0.2  # as after a 200 ms render
+    for i in range(0, 16000, 1280):  # 80 ms at a time: each push computes its own window
+        s.push_audio(AUDIO[i : i + 1280])
+    frames = s.pull()
+    dropped = [bool(f.meta["dropped"]) for f in frames]
+    # 0.2 -> skip (0.16) -> skip (0.128) -> render: the first two windows repeat the portrait
+    assert dropped[:4] == [True] * 4 and not any(dropped[4:]), dropped
+    assert s._render_estimate_s < 0.15
