@@ -201,8 +201,9 @@ class ServerConfig:
     # repeat the last image; audio, motion and timing go on), so the room keeps up by repeating
     # images instead of stalling the clock, piling up latency and dropping microphone audio.
     # -1: (playout_frames + input_lead_frames) frames, the time a window has before its first
-    # frame is sent, less 50 ms to encode and send it (150 ms with the defaults; off if that
-    # leaves nothing); 0: off, every frame rendered. Rooms' sessions only
+    # frame is sent, less 50 ms to encode and send it (150 ms with the defaults), plus a frame
+    # for each frame a window has beyond two (a skipped long window freezes the picture long;
+    # off if that leaves nothing); 0: off, every frame rendered. Rooms' sessions only
     # (stream.render_deadline_ms is the Python API's and `livehead bench`'s).
     render_deadline_ms: float = -1.0
     presenter_grace_s: float = 10.0  # a room without its presenter closes (viewers too) after this

@@ -405,14 +405,17 @@ class Engine:
         return to_dict(self.cfg)
 
 
-def server_render_deadline_ms(server: ServerConfig) -> float:
+def server_render_deadline_ms(server: ServerConfig, window_frames: int = 2) -> float:
     """``server.render_deadline_ms``, with -1 resolved: the time a room gives a window between
     its newest audio being due in the session and its first frame's send time, (playout_frames
     + input_lead_frames) frames, less 50 ms for encoding and sending the frames (150 ms with the
-    defaults)."""
+    defaults), plus a frame for every frame a window has beyond two: skipping a long window
+    freezes the picture for its whole length, so a long window would rather be a little late
+    (the paper plan's 25-frame windows: 1070 ms)."""
     if server.render_deadline_ms >= 0:
         return float(server.render_deadline_ms)
-    return max(0.0, (server.playout_frames + server.input_lead_frames) * 1000.0 / FPS - 50.0)
+    frames = server.playout_frames + server.input_lead_frames + max(0, window_frames - 2)
+    return max(0.0, frames * 1000.0 / FPS - 50.0)
 
 
 def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: ANN201
@@ -423,7 +426,7 @@ def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: AN
     if engine is None:
         engine = Engine.load(config=cfg)
     shared = engine
-    deadline_ms = server_render_deadline_ms(cfg.server)
+    deadline_ms = server_render_deadline_ms(cfg.server, engine.plan.window_frames)
 
     def make_session(avatar_rgb: np.ndarray) -> StreamSession:
         return shared.session(shared.prepare_avatar(avatar_rgb), render_deadline_ms=deadline_ms)

@@ -465,3 +465,17 @@ def test_render_deadline_counts_the_recent_render_time(engine, avatar):
     # 0.2 -> skip (0.16) -> skip (0.128) -> render: the first two windows repeat the portrait
     assert dropped[:4] == [True] * 4 and not any(dropped[4:]), dropped
     assert s._render_estimate_s < 0.15
+
+
+def test_server_render_deadline_default() -> None:
+    """server.render_deadline_ms = -1: playout + lead frames less 50 ms (150 ms by default),
+    longer for long windows (a skip freezes the picture for a whole window); set values and 0
+    (off) are kept."""
+    from engine.config import ServerConfig
+    from engine.stream import server_render_deadline_ms
+
+    assert server_render_deadline_ms(ServerConfig()) == pytest.approx(150.0)
+    assert server_render_deadline_ms(ServerConfig(), window_frames=25) == pytest.approx(1070.0)
+    assert server_render_deadline_ms(ServerConfig(playout_frames=5)) == pytest.approx(230.0)
+    assert server_render_deadline_ms(ServerConfig(render_deadline_ms=0.0)) == 0.0
+    assert server_render_deadline_ms(ServerConfig(render_deadline_ms=90.0)) == 90.0
