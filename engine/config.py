@@ -201,7 +201,8 @@ class ServerConfig:
     # repeat the last image; audio, motion and timing go on), so the room keeps up by repeating
     # images instead of stalling the clock, piling up latency and dropping microphone audio.
     # -1: (playout_frames + input_lead_frames) frames, the time a window has before its first
-    # frame is sent, less 50 ms to encode and send it (150 ms with the defaults), plus a frame
+    # frame is sent, less a 50 ms margin for encoding and sending (20 ms dropped more audio on
+    # a slow 2-core host; server/PROTOCOL.md) = 150 ms by default, plus a frame
     # for each frame a window has beyond two (a skipped long window freezes the picture long;
     # off if that leaves nothing); 0: off, every frame rendered. Rooms' sessions only
     # (stream.render_deadline_ms is the Python API's and `livehead bench`'s).

@@ -57,8 +57,8 @@ class Session(Protocol):
         self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, arrived: float | None = None
     ) -> None:
         """Append audio. ``samples``: (N,) or (N, C) float32/float64 in [-1, 1] or int16.
-        ``arrived``: when a live source delivered it (``time.monotonic()``; default now): a
-        live session with ``stream.render_deadline_ms`` counts the audio's wait from then.
+        ``arrived``: when the audio was due (``time.monotonic()``: a live source's arrival, a
+        room's clock schedule; default now): a live session's render deadline counts from then.
         Raises ``engine.errors.UserError`` on bad input (NaN/inf, wrong dtype, after close)."""
 
     def push_silence(self, n_samples: int, arrived: float | None = None) -> None:

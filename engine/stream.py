@@ -408,10 +408,11 @@ class Engine:
 def server_render_deadline_ms(server: ServerConfig, window_frames: int = 2) -> float:
     """``server.render_deadline_ms``, with -1 resolved: the time a room gives a window between
     its newest audio being due in the session and its first frame's send time, (playout_frames
-    + input_lead_frames) frames, less 50 ms for encoding and sending the frames (150 ms with the
-    defaults), plus a frame for every frame a window has beyond two: skipping a long window
-    freezes the picture for its whole length, so a long window would rather be a little late
-    (the paper plan's 25-frame windows: 1070 ms)."""
+    + input_lead_frames) frames, less a 50 ms margin for encoding and sending (150 ms with the
+    defaults; measured against 20 ms on a slow host, server/PROTOCOL.md), plus a frame for
+    every frame a window has beyond two: skipping a long window freezes the picture for its
+    whole length, so a long window would rather be a little late (the paper plan's 25-frame
+    windows: 1070 ms)."""
     if server.render_deadline_ms >= 0:
         return float(server.render_deadline_ms)
     frames = server.playout_frames + server.input_lead_frames + max(0, window_frames - 2)
@@ -437,6 +438,13 @@ def make_session_factory(cfg: Config, engine: Engine | None = None):  # noqa: AN
 # --------------------------------------------------------------------------------------------
 # Session
 # --------------------------------------------------------------------------------------------
+def _arrival(arrived: float | None) -> float:
+    """A push's time for the render deadline: ``arrived`` (when the audio was due), never
+    later than now; None: now."""
+    now = time.monotonic()
+    return now if arrived is None else min(now, float(arrived))
+
+
 def as_mono_float(samples: np.ndarray) -> np.ndarray:
     """(N,) or (N, C) int16 / float32 / float64 -> (N,) float32, clipped to [-1, 1].
     UserError for another type, shape or dtype, or NaN/inf."""
@@ -625,9 +633,7 @@ class StreamSession:
         with self._lock:
             self._check_open()
             self._check_backlog(int(math.ceil(n * SAMPLE_RATE / sample_rate)))
-            t = time.monotonic()
-            if arrived is not None:
-                t = min(t, float(arrived))  # when the audio was due: the deadline counts from it
+            t = _arrival(arrived)
             if sample_rate == SAMPLE_RATE:
                 x16 = self._flush_resampler()
                 x16 = np.concatenate([x16, x]) if x16.size else x
@@ -651,9 +657,7 @@ class StreamSession:
         with self._lock:
             self._check_open()
             self._check_backlog(int(n_samples))
-            t = time.monotonic()
-            if arrived is not None:
-                t = min(t, float(arrived))  # when it was due: the deadline counts from it
+            t = _arrival(arrived)
             # Silence is exact 16 kHz samples (a transport's clock counts them): the resampler's
             # tail goes first, and a later push at another rate starts a fresh resampler.
             head = self._flush_resampler()

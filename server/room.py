@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import io
 import logging
+import math
 import queue
 import threading
 import time
@@ -297,9 +298,10 @@ class Room:
         self._timed_pushes = all(
             _takes_keyword(getattr(session, m), "arrived") for m in ("push_audio", "push_silence")
         )
-        # frames emitted / repeated by the engine in the current 10 s window
-        self._repeat_window = [0, 0]
+        # the current 10 s window of the repeat warning: its start, frames, engine_dropped then
         self._repeat_since = time.monotonic()
+        self._repeat_frames = 0
+        self._repeat_base = 0
         self._vp8 = Vp8Encoder(settings.video_bitrate, settings.keyframe_interval)
         self._opus = OpusEncoder()
         self._last_keyframe = 0.0
@@ -571,11 +573,7 @@ class Room:
             # rendering a window the worker reaches that far behind, so a host too slow for
             # real time repeats images instead of stalling the clock and dropping the
             # microphone's audio.
-            due = self.clock.wall_time(self._pushed + n - self.settings.lead_samples)
-            if self._timed_pushes:
-                self.session.push_audio(x, SAMPLE_RATE, arrived=max(due, t_arrival))
-            else:
-                self.session.push_audio(x, SAMPLE_RATE)
+            self.session.push_audio(x, SAMPLE_RATE, **self._due(self._pushed + n, t_arrival))
             self._add_segment(self._pushed, self._pushed + n, True, t_arrival)
             self._pushed += n
             self._speech_end = self._pushed
@@ -585,12 +583,7 @@ class Room:
         if not self._pending and self._pushed < floor:
             # No input for a while: silence advances the timeline (idle motion, clock).
             n = floor - self._pushed
-            if self._timed_pushes:  # due when the clock + lead reached its last sample
-                self.session.push_silence(
-                    n, arrived=self.clock.wall_time(floor - self.settings.lead_samples)
-                )
-            else:
-                self.session.push_silence(n)
+            self.session.push_silence(n, **self._due(floor))
             self._add_segment(self._pushed, self._pushed + n, False, time.monotonic())
             self._pushed += n
             self.stats.silence_samples += n
@@ -634,29 +627,35 @@ class Room:
                 ),
             )
 
-    def _note_repeats(self, repeated: bool) -> None:
+    def _due(self, end: int, arrived: float = -math.inf) -> dict[str, float]:
+        """``arrived=`` for a push ending at sample ``end``: when the clock + lead reached it, or
+        ``arrived`` if later ({} for a session that does not take it)."""
+        if not self._timed_pushes:
+            return {}
+        return {"arrived": max(self.clock.wall_time(end - self.settings.lead_samples), arrived)}
+
+    def _note_repeats(self) -> None:
         """Every 10 s in which the engine repeated at least 5 % of the frames to keep real time
         (server.render_deadline_ms on cores too slow for this model), tell the operator and how
         many frames it still rendered. (A room pulls every frame at once, so the session's
         other reason to repeat images, an overfull output queue, does not arise here.)"""
-        seen = self._repeat_window
-        seen[0] += 1
-        seen[1] += repeated
+        self._repeat_frames += 1
         now = time.monotonic()
         if now - self._repeat_since < 10.0:
             return
-        if seen[1] >= 0.05 * seen[0]:
+        frames, repeated = self._repeat_frames, self.stats.engine_dropped - self._repeat_base
+        if repeated >= 0.05 * frames:
             log.warning(
                 "rendering behind real time, repeating images %s",
                 kv(
                     room=self.name,
-                    rendered_pct=round(100.0 * (seen[0] - seen[1]) / seen[0], 1),
-                    frames=seen[0],
+                    rendered_pct=round(100.0 * (frames - repeated) / frames, 1),
+                    frames=frames,
                     engine_dropped_total=self.stats.engine_dropped,
                 ),
             )
-        self._repeat_window = [0, 0]
-        self._repeat_since = now
+        self._repeat_since, self._repeat_frames = now, 0
+        self._repeat_base = self.stats.engine_dropped
 
     def _add_segment(self, start: int, end: int, speech: bool, t_arrival: float) -> None:
         # Not merged: each keeps its own arrival time, for the latency metric. They live only
@@ -675,7 +674,7 @@ class Room:
         drop_video = late or congested
         if f.meta.get("dropped"):
             self.stats.engine_dropped += 1  # the engine repeated an image to keep up
-        self._note_repeats(bool(f.meta.get("dropped")))
+        self._note_repeats()
         pcm16 = int16_pcm(np.asarray(f.audio, dtype=np.float32))
         video, audio, jpeg = None, [], None
         if self._want_rtp:
