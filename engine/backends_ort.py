@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from engine.models.stage2 import Stage2Nets
 
 MANIFEST = "manifest.json"
 GRAPHS = ("stage1_encode", "stage1_motion", "stage1_render", "stage2_encode", "stage2_denoise")
-FORMAT_VERSION = 2  # 2: graphs written with arithmetic lerp (engine.models.layers.lerp)
+FORMAT_VERSION = 3  # 2: arithmetic lerp (engine.models.layers.lerp); 3: head offsets as one matmul
 
 
 def model_fingerprint(stage1: Stage1Model, stage2: Stage2Nets, plan: dict[str, int]) -> str:
@@ -110,7 +111,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class OrtStage1:
     """``Stage1Backend`` over ONNX Runtime (CPU). The avatar's h and pyramid stay NumPy-backed
-    CPU tensors."""
+    CPU tensors.
+
+    With two threads or more, a batch of two frames or more renders as two halves at once, each
+    on its own session with half the threads: ONNX Runtime shares out each of the render graph's
+    ~1200 small nodes between threads, and the hand-offs cost more than two independent runs do
+    (2 cores, tiny config, a 2-frame window: 110 ms as one batch on 2 threads, 86 ms as two
+    1-frame runs side by side, medians of 8; ``livehead bench stream`` gives the end-to-end
+    figure)."""
 
     def __init__(self, onnx_dir: Path, model: Stage1Model, threads: int) -> None:
         cfg = model.cfg
@@ -120,6 +128,12 @@ class OrtStage1:
         self._encode = _session(onnx_dir / "stage1_encode.onnx", threads)
         self._motion = _session(onnx_dir / "stage1_motion.onnx", 1)
         self._render = _session(onnx_dir / "stage1_render.onnx", threads)
+        self._halves: list[Any] = []
+        self._pool: ThreadPoolExecutor | None = None
+        if threads >= 2:
+            path = onnx_dir / "stage1_render.onnx"
+            self._halves = [_session(path, threads // 2), _session(path, threads - threads // 2)]
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="livehead-render")
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self._encode.run(None, {"img": _np(img.float())})
@@ -131,9 +145,16 @@ class OrtStage1:
     def render(
         self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor
     ) -> torch.Tensor:
-        feed = {"h": _np(h.float()), "alpha": _np(alpha.float())}
+        feed = {"h": _np(h.float())}
         feed.update({f"feat{i}": _np(f) for i, f in enumerate(feats)})
-        return torch.from_numpy(self._render.run(None, feed)[0])
+        a = _np(alpha.float())
+        if self._pool is None or a.shape[0] < 2:
+            return torch.from_numpy(self._render.run(None, dict(feed, alpha=a))[0])
+        k = (a.shape[0] + 1) // 2
+        first, second = self._halves
+        late = self._pool.submit(second.run, None, dict(feed, alpha=a[k:]))
+        out = first.run(None, dict(feed, alpha=a[:k]))[0]
+        return torch.from_numpy(np.concatenate([out, late.result()[0]]))
 
 
 class OrtStage2:

@@ -122,3 +122,25 @@ def test_stale_or_missing_exports_are_refused(exported, models, tmp_path: Path) 
         Engine.from_models(m1, nets, cfg_plan, backend="onnx")
     with pytest.raises(UserError, match="unknown backend"):
         Engine.from_models(m1, nets, cfg, backend="tensorflow")
+
+
+def test_onnx_render_splits_a_batch_over_two_sessions(exported, models) -> None:
+    """With two threads or more a batch renders as two halves side by side (engine/backends_ort
+    OrtStage1): the frames must be those of one run over the whole batch, in order."""
+    from engine.backends_ort import OrtStage1
+
+    out, _ = exported
+    m1, _, _ = models
+    one, two = OrtStage1(out, m1, threads=1), OrtStage1(out, m1, threads=2)
+    assert not one._halves and len(two._halves) == 2
+    rng = np.random.default_rng(5)
+    img = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
+    h, feats = one.encode(img)
+    for b in (1, 2, 3, 5):
+        alpha = torch.from_numpy(rng.normal(0, 0.5, (b, m1.cfg.motion_dim)).astype(np.float32))
+        whole, split = one.render(h, feats, alpha), two.render(h, feats, alpha)
+        assert split.shape == whole.shape == (b, 3, 64, 64)
+        assert torch.allclose(split, whole, atol=1e-5), (split - whole).abs().max()
+        # each frame is its own: reversed alphas give the frames reversed
+        flipped = two.render(h, feats, alpha.flip(0))
+        assert torch.allclose(flipped.flip(0), whole, atol=1e-5)
