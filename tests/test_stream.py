@@ -456,15 +456,17 @@ def test_render_deadline_counts_the_recent_render_time(engine, avatar):
     """The deadline weighs what rendering a window has recently cost: with a render estimate
     above the deadline the next windows are skipped, the estimate fades with each skip (one
     slow render does not stop the video for good), and rendering resumes."""
-    s = engine.session(avatar, render_deadline_ms=150.0)
-    s._render_estimate_s = 0.2  # as after a 200 ms render
+    # A deadline long against a window's motion (the wait counts it: up to ~160 ms here is
+    # fine, so a slow or busy host does not change the outcome).
+    s = engine.session(avatar, render_deadline_ms=1000.0)
+    s._render_estimate_s = 1.3  # as after a 1.3 s render
     for i in range(0, 16000, 1280):  # 80 ms at a time: each push computes its own window
         s.push_audio(AUDIO[i : i + 1280])
     frames = s.pull()
     dropped = [bool(f.meta["dropped"]) for f in frames]
-    # 0.2 -> skip (0.16) -> skip (0.128) -> render: the first two windows repeat the portrait
+    # 1.3 -> skip (1.04) -> skip (0.832) -> render: the first two windows repeat the portrait
     assert dropped[:4] == [True] * 4 and not any(dropped[4:]), dropped
-    assert s._render_estimate_s < 0.15
+    assert s._render_estimate_s < 0.3  # renders since have brought it down
 
 
 def test_server_render_deadline_default() -> None:
