@@ -85,6 +85,14 @@ class Stage1Config:
     # what it reads: 6 (the head's pose, place and size) or 14 (also the face's expression:
     # mouth, eyelids, brows, gaze, which reenactment then takes from it, absolute).
     head_reader_fields: int = 6
+    # livehead extension (off = LIA/AniTalker): a draft exit (``FastHead``) that draws the
+    # frame from the renderer's second-finest level (S/2) and the portrait warped by that
+    # level's flow, skipping the finest level: about a third less compute (2 CPU cores, tiny:
+    # 57 against 87 ms a 2-frame window). A live server uses it only for windows that a full
+    # render would make late (``server.render_deadline_ms``); everything else renders in full.
+    # Trained alone on a frozen model (``livehead train fast``), which writes it into the
+    # weights; unused until trained. Not in the paper recipe.
+    fast_head: bool = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Training and evaluation commands: ``livehead train {stage1,stage2,reader,probe,average}``,
+"""Training and evaluation commands: ``livehead train {stage1,stage2,reader,fast,probe,average}``,
 ``livehead eval {stage1,stage2}``."""
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ COMMANDS = [
         "reader",
         "training.reader",
         "train stage 1's head reader (video-driven reenactment; synthetic world)",
+    ),
+    (
+        "train",
+        "fast",
+        "training.fast_head",
+        "train stage 1's draft exit (a cheaper render for live windows that would be late)",
     ),
     ("train", "probe", "training.probe", "train the independent judge used by 'eval stage2'"),
     (

@@ -783,6 +783,20 @@ class Renderer(nn.Module):
         2/r per pixel) and masks (B, 1, r, r) in (0, 1), for losses and visualisation."""
         return self._run(latent, feats, alpha, alpha_src, collect=True)
 
+    def forward_draft(
+        self,
+        latent: Tensor,
+        feats: list[Tensor],
+        alpha: Tensor | None = None,
+        alpha_src: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        """The levels up to S/2 only, for ``FastHead``: feats may stop at (S/2)². Returns, at
+        S/2: the renderer's features x (B, C, r, r) after the blend, the warped·masked source
+        features fw, the accumulated RGB (pre-tanh, float32), the flow offset (B, 2, r, r)
+        (the head's rigid offset included) and the mask (B, 1, r, r)."""
+        out = self._run(latent, feats, alpha, alpha_src, collect=False, draft=True)
+        return tuple(out[1])
+
     def _run(
         self,
         latent: Tensor,
@@ -790,9 +804,11 @@ class Renderer(nn.Module):
         alpha: Tensor | None,
         alpha_src: Tensor | None,
         collect: bool,
+        draft: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        if len(feats) != len(self.to_flows):
-            raise ValueError(f"renderer needs {len(self.to_flows)} feature maps, got {len(feats)}")
+        levels = len(self.to_flows) - (1 if draft else 0)
+        if len(feats) < levels or (not draft and len(feats) != levels):
+            raise ValueError(f"renderer needs {levels} feature maps, got {len(feats)}")
         if self.injects is not None and alpha is None:
             raise ValueError("a renderer with stage1.inject needs the motion vector alpha")
         sim: tuple[Tensor, Tensor] | None = None
@@ -823,12 +839,74 @@ class Renderer(nn.Module):
             # x·(1-m) = x_next - fw: what the renderer itself holds where the source is masked
             rgb = to_rgb(fw, rgb, x_next - fw if self.paint else None)
             x = x_next
+            if draft and i == levels - 1:
+                offset, mask = flow_and_mask(raw)
+                if extra is not None:
+                    offset = offset + extra
+                return rgb, [x, fw, rgb, offset, mask], []
             if collect:
                 offset, mask = flow_and_mask(raw)
                 offsets.append(offset if extra is None else offset + extra)
                 masks.append(mask)
         assert rgb is not None
         return fast_tanh(rgb), offsets, masks
+
+
+class FastHead(nn.Module):
+    """livehead extension (``stage1.fast_head``): a draft exit that draws the frame from the
+    renderer's second-finest level (r = S/2) without running the finest one.
+
+    At r: the portrait at r² warped by that level's flow and blended with the level's own RGB
+    by its mask, base = m·warp(src_r) + (1 - m)·tanh(rgb); a per-pixel MLP of the level's
+    features, the warped portrait, mask and RGB adds a correction (3 channels) and a detail
+    gate (1); upsampled to S² bilinearly, the gate lets in the high-pass of the full-size
+    portrait warped by the upsampled flow (what the finest level would add). The output layer
+    starts at zero, so an untrained head gives the plain blend. ~700 parameters at the tiny
+    config's widths. Trained alone (``livehead train fast``); ``ready`` is 1 once it is.
+    (B, ...) -> (B, 3, S, S) in [-1, 1].
+    """
+
+    ready: Tensor  # () 1.0 once trained
+
+    def __init__(self, channels: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.hidden = nn.Conv2d(2 * channels + 7, hidden, 1)
+        self.out = nn.Conv2d(hidden, 4, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.register_buffer("ready", torch.zeros(()))
+
+    def forward(
+        self,
+        src: Tensor,
+        grids: list[Tensor],
+        x: Tensor,
+        fw: Tensor,
+        rgb: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+    ) -> Tensor:
+        """src: (1 or B, 3, S, S) the portrait in [-1, 1]; grids: the identity grids at r and S
+        (``Renderer.grids``); the rest ``Renderer.forward_draft``'s outputs at r = S/2."""
+        b, r, size = x.shape[0], x.shape[-1], src.shape[-1]
+        with fp32_region(x.device.type):
+            src = src.float().expand(b, -1, -1, -1)
+            small = warp(F.avg_pool2d(src, size // r), offset, grids[0])
+            z = torch.cat([x.float(), fw.float(), small, mask, rgb], dim=1)
+            y = self.out(F.leaky_relu(self.hidden(z), 0.2))
+            base = lerp(fast_tanh(rgb), small, mask)
+            up = F.interpolate(
+                torch.cat([base + y[:, :3], y[:, 3:], offset], 1),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            full = warp(src, up[:, 4:], grids[1])
+            detail = full - F.interpolate(
+                F.avg_pool2d(full, size // r), size=size, mode="bilinear", align_corners=False
+            )
+            out = up[:, :3] + torch.sigmoid(up[:, 3:4] + 2.0) * detail
+        return out.clamp(-1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,11 +957,17 @@ class Stage1Model(nn.Module):
             if cfg.head_reader
             else None
         )
+        self.fast_head = FastHead(decoder_widths(cfg)[-2]) if cfg.fast_head else None
 
     @property
     def reads_head(self) -> bool:
         """True when the model has a trained ``HeadReader`` (``stage1.head_reader``)."""
         return self.head_reader is not None and bool(self.head_reader.ready > 0.5)
+
+    @property
+    def renders_fast(self) -> bool:
+        """True when the model has a trained ``FastHead`` (``stage1.fast_head``)."""
+        return self.fast_head is not None and bool(self.fast_head.ready > 0.5)
 
     def read_head(self, img: Tensor) -> Tensor:
         """img (B, 3, S, S) -> (B, fields): the head's absolute pose, place and size in
@@ -917,6 +1001,19 @@ class Stage1Model(nn.Module):
         """Source code + pyramid (batch 1 or B) and B motion vectors -> (B, 3, S, S) in [-1, 1]."""
         alpha_src = self.motion(h_src) if self.cfg.head_warp else None
         return self.renderer(self.latent(h_src, alpha), feats_src, alpha, alpha_src)
+
+    def render_fast(
+        self, h_src: Tensor, feats_src: list[Tensor], alpha: Tensor, src: Tensor
+    ) -> Tensor:
+        """As ``render``, by the draft exit (``FastHead``, which the model must have): the
+        finest level is not run (its features may be left out of ``feats_src``). src: (1 or
+        B, 3, S, S) the source image in [-1, 1]."""
+        if self.fast_head is None:
+            raise ConfigError("this stage-1 model has no fast head (stage1.fast_head)")
+        alpha_src = self.motion(h_src) if self.cfg.head_warp else None
+        latent = self.latent(h_src, alpha)
+        draft = self.renderer.forward_draft(latent, feats_src, alpha, alpha_src)
+        return self.fast_head(src.to(latent.device), self.renderer.grids()[-2:], *draft)
 
     def forward(
         self,
@@ -977,6 +1074,8 @@ class Stage1Model(nn.Module):
         }
         if self.head_reader is not None:
             counts["head_reader"] = n(self.head_reader)
+        if self.fast_head is not None:
+            counts["fast_head"] = n(self.fast_head)
         counts["total"] = sum(counts.values())
         return counts
 
