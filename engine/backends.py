@@ -1,7 +1,8 @@
 """How the engine calls the networks: one small tensors-in/tensors-out interface per stage, so
 the streaming engine and offline rendering never branch on the backend (STYLE.md).
 
-    Stage1Backend  encode(img) -> (h, feats); motion(h) -> alpha; render(h, feats, alpha)
+    Stage1Backend  encode(img) -> (h, feats); motion(h) -> alpha; render(h, feats, alpha);
+                   render_fast(h, feats, alpha, src) where ``fast`` (a trained draft exit)
     Stage2Backend  (``engine.windowing``) encode(...) -> speech; denoise(...) -> eps
 
 ``TorchStage1`` / ``TorchStage2`` implement them with PyTorch (CPU, or CUDA with
@@ -39,6 +40,7 @@ class Stage1Backend(Protocol):
     image_size: int  # S
     motion_dim: int
     latent_dim: int
+    fast: bool  # render_fast is available (the model has a trained stage1.fast_head)
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """img (1, 3, S, S) -> h (1, latent_dim), feature pyramid (8²..S², batch 1), both on
@@ -54,6 +56,13 @@ class Stage1Backend(Protocol):
     ) -> torch.Tensor:
         """The portrait's h (1, latent) and pyramid, B raw α's (B, motion_dim), any device ->
         frames (B, 3, S, S) in [-1, 1] (clamped), on the backend's device."""
+        ...
+
+    def render_fast(
+        self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor, src: torch.Tensor
+    ) -> torch.Tensor:
+        """As ``render``, by the model's draft exit (only where ``fast``); src: the portrait
+        (1, 3, S, S) in [-1, 1], any device."""
         ...
 
 
@@ -161,6 +170,7 @@ class TorchStage1:
         self.motion_dim = cfg.motion_dim
         self.latent_dim = cfg.latent_dim
         self.render_dtype = render_dtype
+        self.fast = model.renders_fast
         _check_graphs(cuda_graphs, self.device)
         self._graphed = CudaGraphed(self._render_flat) if cuda_graphs else None
 
@@ -193,6 +203,13 @@ class TorchStage1:
             return self._graphed(h, alpha, *feats)
         with torch.inference_mode():
             return self._render_flat(h, alpha, *feats)
+
+    def render_fast(
+        self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor, src: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            out = self.model.render_fast(h, feats, alpha.to(self.device), src.to(self.device))
+        return out.float()
 
 
 class TorchStage2:

@@ -8,6 +8,8 @@ An export directory holds one graph per network call and ``manifest.json``::
     stage1_render.onnx   h (1, latent), alpha (B, motion_dim), feat0..featN -> frames (B, 3, S, S)
     stage2_encode.onnx   feats, control_values, control_mask -> speech, pred   (one window)
     stage2_denoise.onnx  x_t, t, speech, ref_alpha, ref_h, known, known_mask -> eps
+    stage1_render_fast.onnx  h, alpha (B, motion_dim), src (1, 3, S, S), feat0..featN-1
+                             -> frames (B, 3, S, S)   (only with a trained stage1.fast_head)
 
 The manifest records the fingerprint of the weights and window plan it was made from
 (``model_fingerprint``); a runner refuses a directory made from other weights, so a stale export
@@ -37,6 +39,7 @@ from engine.models.stage2 import Stage2Nets
 
 MANIFEST = "manifest.json"
 GRAPHS = ("stage1_encode", "stage1_motion", "stage1_render", "stage2_encode", "stage2_denoise")
+FAST_GRAPH = "stage1_render_fast"  # written only for a model with a trained stage1.fast_head
 FORMAT_VERSION = 3  # 2: arithmetic lerp (engine.models.layers.lerp); 3: head offsets as one matmul
 
 
@@ -127,13 +130,20 @@ class OrtStage1:
         self.latent_dim = cfg.latent_dim
         self._encode = _session(onnx_dir / "stage1_encode.onnx", threads)
         self._motion = _session(onnx_dir / "stage1_motion.onnx", 1)
-        self._render = _session(onnx_dir / "stage1_render.onnx", threads)
-        self._halves: list[Any] = []
         self._pool: ThreadPoolExecutor | None = None
         if threads >= 2:
-            path = onnx_dir / "stage1_render.onnx"
-            self._halves = [_session(path, threads // 2), _session(path, threads - threads // 2)]
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="livehead-render")
+        self._render = self._runners(onnx_dir / "stage1_render.onnx", threads)
+        fast = onnx_dir / f"{FAST_GRAPH}.onnx"
+        self.fast = model.renders_fast and fast.is_file()
+        self._render_fast = self._runners(fast, threads) if self.fast else []
+
+    def _runners(self, path: Path, threads: int) -> list[Any]:
+        """[one session on all threads] + (two on half each, with two threads or more)."""
+        whole = [_session(path, threads)]
+        if self._pool is None:
+            return whole
+        return whole + [_session(path, threads // 2), _session(path, threads - threads // 2)]
 
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self._encode.run(None, {"img": _np(img.float())})
@@ -147,11 +157,24 @@ class OrtStage1:
     ) -> torch.Tensor:
         feed = {"h": _np(h.float())}
         feed.update({f"feat{i}": _np(f) for i, f in enumerate(feats)})
-        a = _np(alpha.float())
-        if self._pool is None or a.shape[0] < 2:
-            return torch.from_numpy(self._render.run(None, dict(feed, alpha=a))[0])
+        return self._run_split(self._render, feed, _np(alpha.float()))
+
+    def render_fast(
+        self, h: torch.Tensor, feats: list[torch.Tensor], alpha: torch.Tensor, src: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.fast:
+            raise UserError("this export has no draft exit (stage1.fast_head)")
+        feed = {"h": _np(h.float()), "src": _np(src.float())}
+        feed.update({f"feat{i}": _np(f) for i, f in enumerate(feats[:-1])})
+        return self._run_split(self._render_fast, feed, _np(alpha.float()))
+
+    def _run_split(self, runners: list[Any], feed: dict[str, np.ndarray], a: np.ndarray):
+        """One call over the batch of α's, as two halves side by side where there are two."""
+        if len(runners) == 1 or a.shape[0] < 2:
+            return torch.from_numpy(runners[0].run(None, dict(feed, alpha=a))[0])
+        assert self._pool is not None
         k = (a.shape[0] + 1) // 2
-        first, second = self._halves
+        first, second = runners[1:]
         late = self._pool.submit(second.run, None, dict(feed, alpha=a[k:]))
         out = first.run(None, dict(feed, alpha=a[:k]))[0]
         return torch.from_numpy(np.concatenate([out, late.result()[0]]))

@@ -33,7 +33,9 @@ A live deployment on a slow machine may set ``stream.render_deadline_ms``: a win
 would be done more than that after its newest audio came in (``push_audio``'s or
 ``push_silence``'s ``arrived``, or the push; the wait so far plus the recent render time) is
 not rendered (video repeats, audio and motion go on), so the stream catches up instead of
-falling further behind. Off by default, since it makes the output depend on timing;
+falling further behind. With a trained draft exit (``stage1.fast_head``) a window that a full
+render would make late but the draft would not is drawn by the draft instead (frames marked
+``fast``; ``frames_fast`` counts them). Off by default, since it makes the output depend on timing;
 ``livehead serve``'s rooms use ``server.render_deadline_ms`` (on by default), counted from the
 media clock's schedule.
 
@@ -533,6 +535,7 @@ class _Queued:
 class SessionStats:
     frames_out: int = 0  # frames queued (rendered or not)
     frames_rendered: int = 0
+    frames_fast: int = 0  # of frames_rendered: drawn by the draft exit (stage1.fast_head)
     dropped_frames: int = 0  # frames whose image was dropped (they repeat the previous one)
     windows: int = 0
     interrupts: int = 0
@@ -571,6 +574,8 @@ class StreamSession:
         deadline_ms = st.render_deadline_ms if render_deadline_ms is None else render_deadline_ms
         self._deadline_s = max(0.0, float(deadline_ms)) / 1000.0 if live else 0.0
         self._render_estimate_s = 0.0  # recent render time of a window (the deadline's)
+        self._fast_estimate_s = 0.0  # the same for the draft exit
+        self._fast = bool(getattr(engine.stage1, "fast", False))
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -822,8 +827,8 @@ class StreamSession:
             chunk = x16[pos : pos + take]
             pos += take
             for alpha, i, times in self._timed_windows(lambda c=chunk: st.push_audio(c)):
-                render = (i - first_new + 1) * w > skip_frames and not self._too_late(i)
-                self._emit_window(alpha, i, times, render=render)
+                kept = (i - first_new + 1) * w > skip_frames
+                self._emit_window(alpha, i, times, render=self._tier(i) if kept else "")
             # After this the window of st.next_window is not ready: need > 0 again.
 
     def _timed_windows(self, fn) -> list[tuple[torch.Tensor, int, dict[str, float]]]:  # noqa: ANN001
@@ -848,10 +853,11 @@ class StreamSession:
         alpha: torch.Tensor,
         index: int,
         times: dict[str, float],
-        render: bool = True,
+        render: str = "full",
         enforce_limit: bool = True,
     ) -> None:
-        """Render window ``index`` (W frames, one batch) and queue its frames in pts order."""
+        """Render window ``index`` (W frames, one batch) and queue its frames in pts order.
+        render: "full", "fast" (the draft exit) or "" (not rendered: the images repeat)."""
         w = alpha.shape[0]
         first = self._origin + self.plan.start_frame(index)
         assert first == self._next_frame, (first, self._next_frame)
@@ -861,13 +867,22 @@ class StreamSession:
         if render and n_keep:
             av = self._avatar
             t0 = time.perf_counter()
-            images = to_uint8(self.engine.stage1.render(av.h, av.feats, alpha))
+            s1 = self.engine.stage1
+            if render == "fast":
+                frames = s1.render_fast(av.h, av.feats, alpha, to_tensor(av.image[None]))
+            else:
+                frames = s1.render(av.h, av.feats, alpha)
+            images = to_uint8(frames)
             took = time.perf_counter() - t0
             stage["render_ms"] = took * 1000
             # what rendering a window costs (its motion is done before the deadline is checked,
             # so it is in the wait already): a slow render counts at once, a fast one a third
-            est = self._render_estimate_s
-            self._render_estimate_s = max(took, 0.7 * est + 0.3 * took)
+            if render == "fast":
+                self._fast_estimate_s = max(took, 0.7 * self._fast_estimate_s + 0.3 * took)
+                self.stats.frames_fast += n_keep
+            else:
+                est = self._render_estimate_s
+                self._render_estimate_s = max(took, 0.7 * est + 0.3 * took)
             self.stats.frames_rendered += n_keep
         else:
             stage["render_ms"] = 0.0
@@ -892,6 +907,7 @@ class StreamSession:
                 input_time=self._arrival_time(min((n + 1) * spf, self._received) - 1),
                 output_time=t_ready,
                 dropped=images is None,
+                fast=images is not None and render == "fast",
             )
             image = images[j] if images is not None else self._previous_image()
             frame = OutputFrame(n * spf, image, audio.copy(), rms >= self._speech_rms, meta)
@@ -910,19 +926,24 @@ class StreamSession:
         if enforce_limit:
             self._enforce_queue_limit()
 
-    def _too_late(self, index: int) -> bool:
-        """Live catch-up (the render deadline): would window ``index``'s images be done more
-        than the deadline after its newest audio came in (the wait so far, its motion
-        included, plus the recent render time)?"""
+    def _tier(self, index: int) -> str:
+        """Live catch-up (the render deadline): how window ``index`` is drawn. "full" unless
+        its images would be done more than the deadline after its newest audio came in (the
+        wait so far, its motion included, plus the recent render time); then "fast" (the
+        draft exit, if the model has one) if that would be done in time, else "" (skipped)."""
         if self._deadline_s <= 0:
-            return False
+            return "full"
         newest = self._origin * SAMPLES_PER_FRAME + self.plan.samples_needed(index) - 1
         waited = time.monotonic() - self._arrival_time(newest)
         if waited + self._render_estimate_s <= self._deadline_s:
-            return False
-        # skipped: forget a slow render bit by bit, so one hiccup does not stop the video
+            return "full"
+        # not drawn in full: forget a slow render bit by bit, so one hiccup does not keep the
+        # video from full renders (or, below, from any) for good
         self._render_estimate_s *= 0.8
-        return True
+        if self._fast and waited + self._fast_estimate_s <= self._deadline_s:
+            return "fast"
+        self._fast_estimate_s *= 0.8
+        return ""
 
     def _arrival_time(self, sample: int) -> float:
         """When absolute input sample ``sample`` arrived (monotonic seconds)."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from engine.backends_ort import (
+    FAST_GRAPH,
     FORMAT_VERSION,
     GRAPHS,
     MANIFEST,
@@ -72,6 +73,17 @@ class _Render1(nn.Module):
         self, h: torch.Tensor, alpha: torch.Tensor, feats: list[torch.Tensor]
     ) -> torch.Tensor:
         return self.m.render(h, list(feats), alpha).float().clamp(-1.0, 1.0)
+
+
+class _RenderFast1(nn.Module):
+    def __init__(self, m: Stage1Model) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(
+        self, h: torch.Tensor, alpha: torch.Tensor, src: torch.Tensor, feats: list[torch.Tensor]
+    ) -> torch.Tensor:
+        return self.m.render_fast(h, list(feats), alpha, src).float()
 
 
 class _Encode2(nn.Module):
@@ -169,9 +181,9 @@ def export_onnx(
     progress: Callable[[str], None] | None = None,
     fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Write the five graphs and ``manifest.json`` to ``out_dir`` (atomically: a finished
-    directory replaces any older one). Returns the manifest. ``fingerprint``: the models'
-    ``model_fingerprint``, when the caller has it already."""
+    """Write the five graphs (six with a trained ``stage1.fast_head``) and ``manifest.json``
+    to ``out_dir`` (atomically: a finished directory replaces any older one). Returns the
+    manifest. ``fingerprint``: the models' ``model_fingerprint``, when the caller has it."""
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
     stage1 = stage1.eval()
@@ -265,6 +277,20 @@ def export_onnx(
         ),
     ]
     assert [j[0] for j in jobs] == list(GRAPHS)
+    if stage1.renders_fast:
+        # the draft exit (stage1.fast_head): the pyramid without its finest level, + the portrait
+        coarse = feat_names[:-1]
+        jobs.append(
+            (
+                FAST_GRAPH,
+                _RenderFast1(stage1),
+                (h, alpha, img, list(feats[:-1])),
+                ["h", "alpha", "src", *coarse],
+                ["frames"],
+                {"h": None, "alpha": {0: batch}, "src": None, "feats": [None] * len(coarse)},
+                {"h": h, "alpha": alpha, "src": img, **dict(zip(coarse, feats, strict=False))},
+            )
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     parity: dict[str, float] = {}
@@ -290,7 +316,7 @@ def export_onnx(
             "model_fingerprint": fingerprint,
             "plan": plan,
             "opset": OPSET,
-            "graphs": {n: f"{n}.onnx" for n in GRAPHS},
+            "graphs": {j[0]: f"{j[0]}.onnx" for j in jobs},
             "parity": {"max_abs": parity, "tolerance_rel": TOLERANCE},
             "export_seconds": seconds,
             "versions": {

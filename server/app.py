@@ -1301,6 +1301,12 @@ class LiveheadServer:
                 lambda r: r.stats.engine_dropped,
             ),
             (
+                "livehead_engine_fast_total",
+                "counter",
+                "Frames the engine drew by its cheaper draft exit (stage1.fast_head) to keep up.",
+                lambda r: r.stats.engine_fast,
+            ),
+            (
                 "livehead_frames_flushed_total",
                 "counter",
                 "Frames discarded by interrupts.",

@@ -220,6 +220,7 @@ class RoomStats:
     frames_encoded: int = 0  # VP8 encodes: once per frame however many viewers
     video_dropped: int = 0
     engine_dropped: int = 0  # frames the engine itself marked dropped (meta["dropped"])
+    engine_fast: int = 0  # frames the engine drew by its draft exit (meta["fast"])
     frames_flushed: int = 0  # discarded by interrupts
     stalls: int = 0
     stall_seconds: float = 0.0
@@ -652,6 +653,7 @@ class Room:
                     rendered_pct=round(100.0 * (frames - repeated) / frames, 1),
                     frames=frames,
                     engine_dropped_total=self.stats.engine_dropped,
+                    engine_fast_total=self.stats.engine_fast,
                 ),
             )
         self._repeat_since, self._repeat_frames = now, 0
@@ -674,6 +676,8 @@ class Room:
         drop_video = late or congested
         if f.meta.get("dropped"):
             self.stats.engine_dropped += 1  # the engine repeated an image to keep up
+        if f.meta.get("fast"):
+            self.stats.engine_fast += 1  # ... or drew it by its cheaper draft exit
         self._note_repeats()
         pcm16 = int16_pcm(np.asarray(f.audio, dtype=np.float32))
         video, audio, jpeg = None, [], None

@@ -132,7 +132,7 @@ def test_onnx_render_splits_a_batch_over_two_sessions(exported, models) -> None:
     out, _ = exported
     m1, _, _ = models
     one, two = OrtStage1(out, m1, threads=1), OrtStage1(out, m1, threads=2)
-    assert not one._halves and len(two._halves) == 2
+    assert len(one._render) == 1 and len(two._render) == 3  # whole + two halves
     rng = np.random.default_rng(5)
     img = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
     h, feats = one.encode(img)
@@ -144,3 +144,36 @@ def test_onnx_render_splits_a_batch_over_two_sessions(exported, models) -> None:
         # each frame is its own: reversed alphas give the frames reversed
         flipped = two.render(h, feats, alpha.flip(0))
         assert torch.allclose(flipped.flip(0), whole, atol=1e-5)
+
+
+def test_export_writes_the_draft_exit_of_a_model_that_has_one(exported, models, tmp_path) -> None:
+    """A model with a trained stage1.fast_head gets a sixth graph, checked for parity like the
+    others; the ONNX backend's render_fast (whole and in halves) gives the PyTorch draft."""
+    from engine.backends_ort import FAST_GRAPH, OrtStage1
+
+    torch.set_num_threads(1)
+    m1, nets, cfg = small_models(["stage1.fast_head=true"])
+    assert m1.fast_head is not None
+    with torch.no_grad():
+        torch.manual_seed(5)
+        for p in m1.fast_head.parameters():
+            p.normal_(0.0, 0.1)
+        m1.fast_head.ready.fill_(1.0)
+    manifest = export_onnx(m1, nets, plan_dict(cfg), tmp_path / "x")
+    assert FAST_GRAPH in manifest["graphs"] and (tmp_path / "x" / f"{FAST_GRAPH}.onnx").is_file()
+    assert manifest["parity"]["max_abs"][FAST_GRAPH] < 1e-4
+    rng = np.random.default_rng(6)
+    src = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
+    alpha = torch.from_numpy(rng.normal(0, 0.5, (3, m1.cfg.motion_dim)).astype(np.float32))
+    with torch.no_grad():
+        h, feats = m1.encode(src)
+        ref = m1.render_fast(h, feats, alpha, src)
+    for threads in (1, 2):
+        ort1 = OrtStage1(tmp_path / "x", m1, threads=threads)
+        assert ort1.fast
+        got = ort1.render_fast(h, feats, alpha, src)
+        assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    # a model without one: five graphs, no draft exit
+    out, manifest = exported
+    assert FAST_GRAPH not in manifest["graphs"]
+    assert not OrtStage1(out, models[0], threads=1).fast

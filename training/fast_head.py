@@ -132,6 +132,7 @@ def run(a: argparse.Namespace) -> int:
     if a.warm_start and (not own or float(own["ready"]) < 0.5):
         raise UserError(f"--warm-start: {a.init_from} holds no trained fast head")
     cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, fast_head=True))
+    torch.manual_seed(a.seed)  # the fresh head's first layer
     model = Stage1Model(cfg.stage1)
     model.lmd.freeze()
     rest = {k: v for k, v in tensors.items() if not k.startswith("fast_head.")}
@@ -150,7 +151,6 @@ def run(a: argparse.Namespace) -> int:
     params = [p for p in head.parameters()]
     for p in params:
         p.requires_grad_(True)
-    torch.manual_seed(a.seed)
     opt = torch.optim.Adam(params, lr=a.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1

@@ -873,7 +873,7 @@ class FastHead(nn.Module):
         self.hidden = nn.Conv2d(2 * channels + 7, hidden, 1)
         self.out = nn.Conv2d(hidden, 4, 1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
         self.register_buffer("ready", torch.zeros(()))
 
     def forward(
