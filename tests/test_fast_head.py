@@ -218,3 +218,31 @@ def test_late_windows_are_drawn_by_the_draft_exit(fast_engine: Engine) -> None:
     s = fast_engine.session(av)  # no deadline: every window in full
     s.push_audio(AUDIO[:16000])
     assert s.pull() and s.stats.frames_fast == 0
+
+
+def test_stage1_training_from_a_file_with_a_draft_exit(tmp_path: Path) -> None:
+    """Continuing the renderer from weights that have a draft exit (the bundled file) works
+    with the tiny config, which has none: the exit is dropped (it was distilled from the old
+    renderer; `livehead train fast` makes a new one). A config with one carries it, frozen."""
+    from tests.test_stage1_training import SMALL
+    from training.common import DistInfo
+    from training.stage1 import Stage1Options, Stage1Trainer
+
+    cfg = load_config("tiny", SMALL)
+    assert not cfg.stage1.fast_head
+    torch.manual_seed(1)
+    m = Stage1Model(dataclasses.replace(cfg.stage1, fast_head=True))
+    m.lmd.freeze()
+    assert m.fast_head is not None
+    m.fast_head.ready.fill_(1.0)
+    w = tmp_path / "s1.safetensors"
+    save_weights(w, m.state_dict(), dataclasses.replace(cfg, stage1=m.cfg), kind="stage1")
+    torch.set_num_threads(1)
+    opts = Stage1Options(run_dir=tmp_path / "a", steps=0, init_from=str(w))
+    assert Stage1Trainer(cfg, opts, DistInfo()).model.fast_head is None
+    with_fast = load_config("tiny", [*SMALL, "stage1.fast_head=true"])
+    t = Stage1Trainer(
+        with_fast, Stage1Options(run_dir=tmp_path / "b", steps=0, init_from=str(w)), DistInfo()
+    )
+    assert t.model.fast_head is not None and t.model.renders_fast
+    assert not any(p.requires_grad for p in t.model.fast_head.parameters())

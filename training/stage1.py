@@ -260,6 +260,8 @@ class Stage1Trainer:
         if self.model.head_reader is not None:
             # trained by `livehead train reader` alone; carried unchanged (and kept out of DDP)
             self.model.head_reader.requires_grad_(False)
+        if self.model.fast_head is not None:  # likewise (`livehead train fast`)
+            self.model.fast_head.requires_grad_(False)
         if t.renderer_only:
             # frozen before DDP is built: it registers only what still trains
             for part in (
@@ -326,6 +328,7 @@ class Stage1Trainer:
             head_reader=own.head_reader,
             head_reader_size=own.head_reader_size,
             head_reader_fields=own.head_reader_fields,
+            fast_head=own.fast_head,
         )
         if same != own:
             raise UserError(f"--init-from {path}: trained with another [stage1] config")
@@ -345,10 +348,13 @@ class Stage1Trainer:
             "detail": ".detail.",
             "head_warp": ".head_warps.",
             "head_reader": "head_reader.",
+            "fast_head": "fast_head.",
         }
         new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
         if not own.head_reader:  # a reader the config leaves out is dropped (it renders nothing)
             tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
+        if not own.fast_head:  # likewise a draft exit (`livehead train fast` makes a new one)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("fast_head.")}
         elif saved.stage1.head_reader and isinstance(meta.get("head_reader"), dict):
             self.reader_meta = meta["head_reader"]
         fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
