@@ -403,6 +403,8 @@ def run_stream(
         "stage_ms_per_window": rec.stages(),
         "window_frames": plan.window_frames,
         "dropped_frames": stats.dropped_frames,
+        # drawn by the draft exit (stage1.fast_head) under a render deadline
+        "fast_frames": stats.frames_fast,
         "rss_mb": round(rss_values[-1], 1) if rss_values else None,
         "rss_mb_max": round(max(rss_values), 1) if rss_values else None,
         # last sample minus the one at 10 % of the run (after warm-up allocations)
