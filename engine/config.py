@@ -168,6 +168,11 @@ class StreamConfig:
     threads: int = 0  # 0: let the backend decide
     video_queue_frames: int = 4
     watermark: bool = True
+    # Under a render deadline, draw windows a full render would make late by the model's draft
+    # exit (stage1.fast_head) where it would be in time. Off: on 2 slow cores (livehead serve,
+    # 4 interleaved pairs of runs, BENCHMARKS.md) more frames were freshly drawn (46 % against
+    # 35 %) but the clock stalled more (1.19 s against 0.89 s in 15 s of speech).
+    fast_draft: bool = False
     # Engine sessions (engine/stream.py)
     render_dtype: str = "fp32"  # renderer precision: "fp32", or "bf16" autocast (flow stays fp32)
     channels_last: bool = True  # NHWC renderer activations (faster on CPU)

@@ -33,11 +33,11 @@ A live deployment on a slow machine may set ``stream.render_deadline_ms``: a win
 would be done more than that after its newest audio came in (``push_audio``'s or
 ``push_silence``'s ``arrived``, or the push; the wait so far plus the recent render time) is
 not rendered (video repeats, audio and motion go on), so the stream catches up instead of
-falling further behind. With a trained draft exit (``stage1.fast_head``) a window that a full
-render would make late but the draft would not is drawn by the draft instead (frames marked
-``fast``; ``frames_fast`` counts them). Off by default, since it makes the output depend on timing;
-``livehead serve``'s rooms use ``server.render_deadline_ms`` (on by default), counted from the
-media clock's schedule.
+falling further behind. With ``stream.fast_draft`` and a trained draft exit
+(``stage1.fast_head``) a window that a full render would make late but the draft would not is
+drawn by the draft instead (frames marked ``fast``; ``frames_fast`` counts them). The deadline
+is off by default, since it makes the output depend on timing; ``livehead serve``'s rooms use
+``server.render_deadline_ms`` (on by default), counted from the media clock's schedule.
 
 Interrupt (barge-in) drops everything not yet pulled (queued frames, pending input audio and
 features, generated motion) and returns the position of the next unplayed sample; new audio
@@ -85,6 +85,10 @@ from engine.session_api import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Controls, Ou
 from engine.tensors import to_tensor, to_uint8
 from engine.windowing import ControlTrack, MotionStreamer, Stage2Backend, WindowPlan
 
+# Under a render deadline, the draft exit (stage1.fast_head) is used only where it would be
+# done this much before the deadline: drawn right up to it, the stream runs at the edge and a
+# slower draft stalls the clock (measured: livehead serve on 2 cores, BENCHMARKS.md).
+FAST_MARGIN_S = 0.03
 MIN_SAMPLE_RATE = 4000
 MAX_SAMPLE_RATE = 192000
 MAX_CHANNELS = 32
@@ -575,7 +579,7 @@ class StreamSession:
         self._deadline_s = max(0.0, float(deadline_ms)) / 1000.0 if live else 0.0
         self._render_estimate_s = 0.0  # recent render time of a window (the deadline's)
         self._fast_estimate_s = 0.0  # the same for the draft exit
-        self._fast = bool(getattr(engine.stage1, "fast", False))
+        self._fast = st.fast_draft and bool(getattr(engine.stage1, "fast", False))
         self._stage2 = TimedStage2(engine.stage2)
         self._lock = threading.RLock()
         self._avatar = avatar
@@ -937,11 +941,14 @@ class StreamSession:
         waited = time.monotonic() - self._arrival_time(newest)
         if waited + self._render_estimate_s <= self._deadline_s:
             return "full"
-        # not drawn in full: forget a slow render bit by bit, so one hiccup does not keep the
-        # video from full renders (or, below, from any) for good
-        self._render_estimate_s *= 0.8
-        if self._fast and waited + self._fast_estimate_s <= self._deadline_s:
+        if self._fast and waited + self._fast_estimate_s <= self._deadline_s - FAST_MARGIN_S:
+            # slowly (lowered by a fifth after every draft, the full estimate soon let in full
+            # renders that came late and stalled the clock), but surely: a hiccup must not
+            # keep the stream on drafts for good
+            self._render_estimate_s *= 0.95
             return "fast"
+        # skipped: forget a slow render bit by bit, so one hiccup does not stop the video
+        self._render_estimate_s *= 0.8
         self._fast_estimate_s *= 0.8
         return ""
 

@@ -52,5 +52,6 @@ def _onnx(args: argparse.Namespace) -> int:
         print(f"{out} already holds the export of these weights")
     else:
         worst = max(manifest["parity"]["max_abs"].values())
-        print(f"wrote {out} (5 graphs; largest |ONNX Runtime - PyTorch| {worst:.2e})")
+        n = len(manifest["graphs"])
+        print(f"wrote {out} ({n} graphs; largest |ONNX Runtime - PyTorch| {worst:.2e})")
     return 0

@@ -174,7 +174,7 @@ def test_fast_head_training_resume_and_output(tmp_path: Path, monkeypatch) -> No
 @pytest.fixture(scope="module")
 def fast_engine() -> Engine:
     torch.set_num_threads(1)
-    m1, nets, cfg = small_models(["stage1.fast_head=true"])
+    m1, nets, cfg = small_models(["stage1.fast_head=true", "stream.fast_draft=true"])
     assert m1.fast_head is not None
     with torch.no_grad():  # some trained-looking weights: the draft is not the plain blend
         torch.manual_seed(5)
@@ -191,15 +191,17 @@ def test_late_windows_are_drawn_by_the_draft_exit(fast_engine: Engine) -> None:
     rng = np.random.default_rng(1)
     av = fast_engine.prepare_avatar(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
     model = fast_engine.stage1.model  # type: ignore[attr-defined]
-    s = fast_engine.session(av, render_deadline_ms=1000.0)
-    s._render_estimate_s = 1.3  # a full render would be late for the next windows
+    s = fast_engine.session(av, render_deadline_ms=4000.0)
+    # a full render would be late for the next windows; the estimate falls by 5 % a draft:
+    # 5 -> 4.75 -> 4.51 -> 4.29 -> 4.07 (drafts) -> 3.87 (+ the wait: full again)
+    s._render_estimate_s = 5.0
     for i in range(0, 16000, 1280):
         s.push_audio(AUDIO[i : i + 1280])
     frames = s.pull()
     fast = [bool(f.meta["fast"]) for f in frames]
-    assert fast[:4] == [True] * 4 and not any(fast[4:]), fast
+    assert fast[:10] == [True] * 10 and not any(fast[10:]), fast
     assert not any(f.meta["dropped"] for f in frames)
-    assert s.stats.frames_fast == 4
+    assert s.stats.frames_fast == 10
     alpha = torch.from_numpy(np.stack([f.meta["alpha"] for f in frames[:2]]))
     with torch.no_grad():
         draft = to_uint8(model.render_fast(av.h, av.feats, alpha, to_tensor(av.image[None])))
@@ -218,6 +220,19 @@ def test_late_windows_are_drawn_by_the_draft_exit(fast_engine: Engine) -> None:
     s = fast_engine.session(av)  # no deadline: every window in full
     s.push_audio(AUDIO[:16000])
     assert s.pull() and s.stats.frames_fast == 0
+
+    # stream.fast_draft off (the default): the same late windows repeat instead
+    off = dataclasses.replace(
+        fast_engine.cfg, stream=dataclasses.replace(fast_engine.cfg.stream, fast_draft=False)
+    )
+    plain = Engine(fast_engine.stage1, fast_engine.stage2, off)
+    s = plain.session(av, render_deadline_ms=1000.0)
+    s._render_estimate_s = 1.3
+    for i in range(0, 16000, 1280):
+        s.push_audio(AUDIO[i : i + 1280])
+    frames = s.pull()
+    assert [bool(f.meta["dropped"]) for f in frames[:4]] == [True] * 4
+    assert s.stats.frames_fast == 0
 
 
 def test_stage1_training_from_a_file_with_a_draft_exit(tmp_path: Path) -> None:
