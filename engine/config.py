@@ -88,8 +88,8 @@ class Stage1Config:
     # livehead extension (off = LIA/AniTalker): a draft exit (``FastHead``) that draws the
     # frame from the renderer's second-finest level (S/2) and the portrait warped by that
     # level's flow, skipping the finest level: about a third less compute (2 CPU cores, tiny:
-    # 57 against 87 ms a 2-frame window). A live server uses it only for windows that a full
-    # render would make late (``server.render_deadline_ms``); everything else renders in full.
+    # 57 against 87 ms a 2-frame window). Used only under a render deadline with
+    # ``stream.fast_draft`` (off by default), for windows a full render would make late.
     # Trained alone on a frozen model (``livehead train fast``), which writes it into the
     # weights; unused until trained. Not in the paper recipe.
     fast_head: bool = False
