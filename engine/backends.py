@@ -266,13 +266,15 @@ def make_backends(
     onnx_dir: str | None = None,
     threads: int = 0,
     cuda_graphs: bool = False,
+    fast: bool = True,
 ) -> tuple[Stage1Backend, Stage2Backend, dict[str, Any]]:
     """The runners for one backend name, and facts about them (for reports).
 
     "torch": PyTorch on ``device`` (with ``cuda_graphs``: renderer and denoiser replayed as
     CUDA graphs). "onnx": ONNX Runtime (CPU) over the graphs that
     ``livehead export onnx`` wrote for exactly these networks and window ``plan`` (in
-    ``onnx_dir``, default: the cache directory of their fingerprint)."""
+    ``onnx_dir``, default: the cache directory of their fingerprint). ``fast``: load the
+    model's draft exit too, where the export has one (``stream.fast_draft``)."""
     if backend == "torch":
         return (
             TorchStage1(stage1, device, render_dtype, channels_last, cuda_graphs),
@@ -288,7 +290,7 @@ def make_backends(
             raise UserError("backend 'onnx' runs the exported fp32 graphs: stream.render_dtype")
         from engine.backends_ort import ort_backends
 
-        s1, s2, manifest = ort_backends(stage1, stage2, plan or {}, onnx_dir, threads)
+        s1, s2, manifest = ort_backends(stage1, stage2, plan or {}, onnx_dir, threads, fast)
         return s1, s2, {"onnx_dir": manifest["dir"], "onnx_parity": manifest.get("parity")}
     raise UserError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")
 

@@ -123,7 +123,7 @@ class OrtStage1:
     1-frame runs side by side, medians of 8; ``livehead bench stream`` gives the end-to-end
     figure)."""
 
-    def __init__(self, onnx_dir: Path, model: Stage1Model, threads: int) -> None:
+    def __init__(self, onnx_dir: Path, model: Stage1Model, threads: int, fast: bool = True) -> None:
         cfg = model.cfg
         self.image_size = cfg.image_size
         self.motion_dim = cfg.motion_dim
@@ -134,9 +134,9 @@ class OrtStage1:
         if threads >= 2:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="livehead-render")
         self._render = self._runners(onnx_dir / "stage1_render.onnx", threads)
-        fast = onnx_dir / f"{FAST_GRAPH}.onnx"
-        self.fast = model.renders_fast and fast.is_file()
-        self._render_fast = self._runners(fast, threads) if self.fast else []
+        path = onnx_dir / f"{FAST_GRAPH}.onnx"
+        self.fast = fast and model.renders_fast and path.is_file()
+        self._render_fast = self._runners(path, threads) if self.fast else []
 
     def _runners(self, path: Path, threads: int) -> list[Any]:
         """[one session on all threads] + (two on half each, with two threads or more)."""
@@ -234,10 +234,12 @@ def ort_backends(
     plan: dict[str, int],
     onnx_dir: str | Path | None,
     threads: int,
+    fast: bool = True,
 ) -> tuple[OrtStage1, OrtStage2, dict[str, Any]]:
     """Runners over the export of exactly these networks (and plan); the manifest too."""
     fingerprint = model_fingerprint(stage1, stage2, plan)
     d = Path(onnx_dir) if onnx_dir else default_onnx_dir(fingerprint)
     manifest = read_manifest(d, fingerprint)
     threads = threads or torch.get_num_threads()
-    return OrtStage1(d, stage1, threads), OrtStage2(d, stage2), dict(manifest, dir=str(d))
+    s1 = OrtStage1(d, stage1, threads, fast)
+    return s1, OrtStage2(d, stage2), dict(manifest, dir=str(d))

@@ -334,6 +334,7 @@ class Engine:
             onnx_dir=st.onnx_dir or None,
             threads=threads,
             cuda_graphs=st.cuda_graphs,
+            fast=st.fast_draft,
         )
         return cls(s1b, s2b, cfg, dict(info or {}, backend=backend, **facts))
 

@@ -353,10 +353,10 @@ class Stage1Trainer:
         new = [m for f, m in marks.items() if getattr(own, f) and not getattr(saved.stage1, f)]
         if not own.head_reader:  # a reader the config leaves out is dropped (it renders nothing)
             tensors = {k: v for k, v in tensors.items() if not k.startswith("head_reader.")}
-        if not own.fast_head:  # likewise a draft exit (`livehead train fast` makes a new one)
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("fast_head.")}
         elif saved.stage1.head_reader and isinstance(meta.get("head_reader"), dict):
             self.reader_meta = meta["head_reader"]
+        if not own.fast_head:  # likewise a draft exit (`livehead train fast` makes a new one)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("fast_head.")}
         fresh = {k: v for k, v in self.model.state_dict().items() if any(m in k for m in new)}
         tensors = {**fresh, **tensors}
         load_into(self.model, tensors, str(path))
