@@ -88,3 +88,19 @@ def fingerprints_agree(run_dir: Path) -> bool:
 
     fp = json.loads((run_dir / "ddp_fingerprint.json").read_text())
     return abs(fp["0"] - fp["1"]) <= 1e-6 * max(1.0, abs(fp["0"]))
+
+
+def crash_on_call(monkeypatch, module, name: str, n: int = 3):  # noqa: ANN001, ANN201
+    """Make ``module.name`` (a trainer's batch function) raise KeyboardInterrupt on its n-th
+    call, as a crash mid-run would; returns a function that puts the real one back."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def crashing(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, crashing)
+    return lambda: monkeypatch.setattr(module, name, real)

@@ -16,7 +16,7 @@ from engine.models.stage1 import FastHead, Stage1Model, identity_grid
 from engine.stream import Engine
 from engine.tensors import to_tensor, to_uint8
 from engine.weights import KEEP_FP32, load_weights, save_weights
-from tests.small import SMALL_STAGE1, small_models
+from tests.small import SMALL_STAGE1, crash_on_call, small_models
 from tests.test_stream import AUDIO
 
 
@@ -121,19 +121,10 @@ def test_fast_head_training_resume_and_output(tmp_path: Path, monkeypatch) -> No
     straight = tmp_path / "a"
     assert tf.run(_args(straight, init)) == 0
     crashed = tmp_path / "b"
-    real_batch = tf.fast_batch
-    calls = {"n": 0}
-
-    def crash_at_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_batch(*a, **k)
-
-    monkeypatch.setattr(tf, "fast_batch", crash_at_third)
+    restore = crash_on_call(monkeypatch, tf, "fast_batch")
     with pytest.raises(KeyboardInterrupt):
         tf.run(_args(crashed, init))
-    monkeypatch.setattr(tf, "fast_batch", real_batch)
+    restore()
     with pytest.raises(Exception, match="--resume"):
         tf.run(_args(crashed, init))  # a run dir with a checkpoint is never overwritten
     with pytest.raises(Exception, match="not a fast-head run"):

@@ -17,7 +17,7 @@ from engine.models.stage1 import HEAD_DIMS, HEAD_MIRROR, HeadReader, Stage1Model
 from engine.reenact import anchor_offset, driving_alpha, reenact_frames, reenact_stream
 from engine.tensors import to_tensor, to_uint8
 from engine.weights import KEEP_FP32, load_weights, save_weights
-from tests.small import SMALL_STAGE1
+from tests.small import SMALL_STAGE1, crash_on_call
 
 
 def _model(reader: bool = True, ready: bool = True, fields: int = HEAD_DIMS) -> Stage1Model:
@@ -140,19 +140,10 @@ def test_reader_training_resume_and_output(tmp_path: Path, monkeypatch) -> None:
     assert tr.run(_args(straight, init)) == 0
 
     crashed = tmp_path / "b"
-    real_batch = tr.reader_batch
-    calls = {"n": 0}
-
-    def crash_at_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_batch(*a, **k)
-
-    monkeypatch.setattr(tr, "reader_batch", crash_at_third)
+    restore = crash_on_call(monkeypatch, tr, "reader_batch")
     with pytest.raises(KeyboardInterrupt):
         tr.run(_args(crashed, init))
-    monkeypatch.setattr(tr, "reader_batch", real_batch)
+    restore()
     with pytest.raises(Exception, match="--resume"):
         tr.run(_args(crashed, init))  # a run dir with a checkpoint is never overwritten
     with pytest.raises(Exception, match="--steps 5"):

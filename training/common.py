@@ -275,3 +275,64 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
     p.write_text("".join(ln + "\n" for ln in keep))
+
+
+def add_part_trainer_args(
+    p: Any, part: str, run_dir: str, steps: int, batch: int, batch_help: str, lr: float
+) -> None:
+    """The options shared by the trainers of one part of a stage-1 file (``livehead train
+    reader``, ``livehead train fast``): the file in and out, run directory, schedule, seed,
+    checkpoints, resume, warm start and threads."""
+    from engine.weights import DEFAULT_STAGE1
+
+    p.add_argument(
+        "--init-from",
+        default=str(DEFAULT_STAGE1),
+        help=f"stage-1 weights to add the {part} to (default: the bundled tiny model)",
+    )
+    p.add_argument("--out", required=True, help=f"output stage-1 safetensors (input + {part})")
+    p.add_argument("--run-dir", default=run_dir, help="checkpoint and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=steps, help="training steps")
+    p.add_argument("--batch", type=int, default=batch, help=batch_help)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (one-cycle)")
+    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help=f"start from the trained {part} in --init-from instead of a fresh one "
+        "(a new one-cycle schedule; use a lower --lr)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def resume_part(
+    ckpt: Path,
+    run_dir: Path,
+    resume: bool,
+    kind: str,
+    want: dict[str, tuple[Any, Any]],
+    parts: dict[str, Any],
+) -> int:
+    """Start or ``--resume`` a part trainer's run (``livehead train reader`` / ``fast``).
+    want: option -> (this run's value, the value a checkpoint without it had); parts: state
+    key -> object with load_state_dict (module, optimiser, schedule). Returns the step to go
+    on from: 0 for a new run (refused where a checkpoint exists: it is never overwritten)."""
+    if not resume:
+        if ckpt.exists():
+            raise UserError(f"{ckpt} exists: pass --resume to continue it or another --run-dir")
+        return 0
+    st, _ = load_checkpoint(ckpt)
+    got = tuple(st.get(k, default) for k, (_, default) in want.items())
+    if st.get("kind") != kind or got != tuple(v for v, _ in want.values()):
+        flags = " ".join(f"--{k} {v}" for k, (v, _) in want.items())
+        raise UserError(
+            f"{ckpt}: not a {kind.replace('_', '-')} run with {flags} "
+            f"(it has {', '.join(map(str, got))})"
+        )
+    for key, obj in parts.items():
+        obj.load_state_dict(st[key])
+    step = int(st["step"])
+    truncate_metrics(run_dir, step)
+    return step

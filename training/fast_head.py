@@ -34,13 +34,13 @@ from engine.errors import UserError
 from engine.models.stage1 import FastHead, Stage1Model
 from engine.reenact import anchor_offset, driving_alpha
 from engine.tensors import to_tensor
-from engine.weights import DEFAULT_STAGE1, load_into, load_weights, save_weights
+from engine.weights import load_into, load_weights, save_weights
 from training.common import (
     MetricsLog,
-    load_checkpoint,
+    add_part_trainer_args,
+    resume_part,
     save_checkpoint,
     step_rngs,
-    truncate_metrics,
 )
 from training.losses import psnr
 
@@ -97,25 +97,9 @@ def evaluate_fast(model: Stage1Model, world: Any, n_ids: int = 8, frames: int = 
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--init-from",
-        default=str(DEFAULT_STAGE1),
-        help="stage-1 weights to add the draft exit to (default: the bundled tiny model)",
+    add_part_trainer_args(
+        p, "draft exit", "runs/fast", 1500, 8, "frames per step (one identity)", 2e-3
     )
-    p.add_argument("--out", required=True, help="output stage-1 safetensors (input + fast head)")
-    p.add_argument("--run-dir", default="runs/fast", help="checkpoint and metrics.jsonl")
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
-    p.add_argument("--batch", type=int, default=8, help="frames per step (one identity)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
-    p.add_argument("--seed", type=int, default=0, help="run seed")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
-    p.add_argument(
-        "--warm-start",
-        action="store_true",
-        help="start from the trained fast head in --init-from (a new schedule)",
-    )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -157,22 +141,9 @@ def run(a: argparse.Namespace) -> int:
     )
     run_dir = Path(a.run_dir)
     ckpt = run_dir / "checkpoint.pt"
-    step = 0
-    if a.resume:
-        st, _ = load_checkpoint(ckpt)
-        got = (st.get("steps"), st.get("seed"), st.get("batch"))
-        if st.get("kind") != "fast_head" or got != (a.steps, a.seed, a.batch):
-            raise UserError(
-                f"{ckpt}: not a fast-head run with --steps {a.steps} --seed {a.seed} --batch "
-                f"{a.batch} (it has {', '.join(map(str, got))})"
-            )
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        step = int(st["step"])
-        truncate_metrics(run_dir, step)
-    elif ckpt.exists():
-        raise UserError(f"{ckpt} exists: pass --resume to continue it or another --run-dir")
+    want = {"steps": (a.steps, None), "seed": (a.seed, None), "batch": (a.batch, None)}
+    parts = {"head": head, "opt": opt, "sched": sched}
+    step = resume_part(ckpt, run_dir, a.resume, "fast_head", want, parts)
     from training.world import train_ids
 
     ids = train_ids(cfg.world)

@@ -35,13 +35,13 @@ from engine.config import WorldConfig
 from engine.errors import UserError
 from engine.models.stage1 import HEAD_DIMS, HEAD_FIELD_MEAN, READ_FIELDS, HeadReader
 from engine.tensors import to_tensor
-from engine.weights import DEFAULT_STAGE1, load_weights, save_weights
+from engine.weights import load_weights, save_weights
 from training.common import (
     MetricsLog,
-    load_checkpoint,
+    add_part_trainer_args,
+    resume_part,
     save_checkpoint,
     step_rngs,
-    truncate_metrics,
 )
 from training.world.motion import MOTION_FIELDS
 
@@ -168,25 +168,7 @@ def reader_error_split(
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--init-from",
-        default=str(DEFAULT_STAGE1),
-        help="stage-1 weights to add the reader to (default: the bundled tiny model)",
-    )
-    p.add_argument("--out", required=True, help="output stage-1 safetensors (input + reader)")
-    p.add_argument("--run-dir", default="runs/reader", help="checkpoint and metrics.jsonl")
-    p.add_argument("--steps", type=int, default=3000, help="training steps")
-    p.add_argument("--batch", type=int, default=32, help="frames per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
-    p.add_argument("--seed", type=int, default=0, help="run seed")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pt")
-    p.add_argument(
-        "--warm-start",
-        action="store_true",
-        help="start from the trained reader in --init-from instead of a fresh one "
-        "(a new one-cycle schedule; use a lower --lr)",
-    )
+    add_part_trainer_args(p, "head reader", "runs/reader", 3000, 32, "frames per step", 2e-3)
     p.add_argument(
         "--size",
         type=int,
@@ -204,7 +186,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "expression); default: the file's stage1.head_reader_fields (6 unless set). A "
         "--warm-start from a reader of 6 to 14 keeps the 6 and learns the 8 new outputs",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -242,22 +223,14 @@ def run(a: argparse.Namespace) -> int:
         before = prev if isinstance(prev, dict) else {}
     opt = torch.optim.AdamW(reader.parameters(), lr=a.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps)
-    step = 0
-    if a.resume:
-        st, _ = load_checkpoint(ckpt)
-        got = (st.get("steps"), st.get("seed"), st.get("size", 128), st.get("fields", HEAD_DIMS))
-        if st.get("kind") != "reader" or got != (a.steps, a.seed, size, fields):
-            raise UserError(
-                f"{ckpt}: not a reader run with --steps {a.steps} --seed {a.seed} --size {size} "
-                f"--fields {fields} (it has {', '.join(map(str, got))})"
-            )
-        reader.load_state_dict(st["reader"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        step = int(st["step"])
-        truncate_metrics(run_dir, step)
-    elif ckpt.exists():
-        raise UserError(f"{ckpt} exists: pass --resume to continue it or another --run-dir")
+    want = {
+        "steps": (a.steps, None),
+        "seed": (a.seed, None),
+        "size": (size, 128),
+        "fields": (fields, HEAD_DIMS),
+    }
+    parts = {"reader": reader, "opt": opt, "sched": sched}
+    step = resume_part(ckpt, run_dir, a.resume, "reader", want, parts)
     from training.world import train_ids
 
     ids = train_ids(cfg.world)
