@@ -189,13 +189,16 @@ class Avatar:
 
     image: (S, S, 3) uint8, the portrait as the model sees it (square crop, resized).
     h, feats: the encoder's latent (1, latent_dim) and feature pyramid, on the backend device.
-    ref_h: (latent_dim,) and ref_alpha: (motion_dim,) float32 CPU, stage 2's reference."""
+    ref_h: (latent_dim,) and ref_alpha: (motion_dim,) float32 CPU, stage 2's reference.
+    source: (1, 3, S, S) float32 CPU in [-1, 1], the image as the encoder (and the draft exit,
+    ``render_fast``) reads it."""
 
     image: np.ndarray
     h: torch.Tensor
     feats: list[torch.Tensor]
     ref_h: torch.Tensor
     ref_alpha: torch.Tensor
+    source: torch.Tensor
 
 
 class Engine:
@@ -366,7 +369,8 @@ class Engine:
         if min(rgb.shape[:2]) < 16:
             raise UserError(f"avatar {rgb.shape[1]}x{rgb.shape[0]} is too small for a portrait")
         image = np.array(square_resize(rgb, self.image_size))  # own, writable copy
-        h, feats = self.stage1.encode(to_tensor(image[None]))
+        source = to_tensor(image[None])
+        h, feats = self.stage1.encode(source)
         alpha = self.stage1.motion(h)
         return Avatar(
             image=image,
@@ -374,6 +378,7 @@ class Engine:
             feats=feats,
             ref_h=h[0].detach().float().cpu().clone(),
             ref_alpha=alpha[0].detach().float().cpu().clone(),
+            source=source,
         )
 
     def default_avatar(self) -> Avatar:
@@ -874,7 +879,7 @@ class StreamSession:
             t0 = time.perf_counter()
             s1 = self.engine.stage1
             if render == "fast":
-                frames = s1.render_fast(av.h, av.feats, alpha, to_tensor(av.image[None]))
+                frames = s1.render_fast(av.h, av.feats, alpha, av.source)
             else:
                 frames = s1.render(av.h, av.feats, alpha)
             images = to_uint8(frames)

@@ -890,8 +890,9 @@ class FastHead(nn.Module):
         (``Renderer.grids``); the rest ``Renderer.forward_draft``'s outputs at r = S/2."""
         b, r, size = x.shape[0], x.shape[-1], src.shape[-1]
         with fp32_region(x.device.type):
-            src = src.float().expand(b, -1, -1, -1)
-            small = warp(F.avg_pool2d(src, size // r), offset, grids[0])
+            src = src.float()  # pooled once, then shared by the batch's warps
+            small = warp(F.avg_pool2d(src, size // r).expand(b, -1, -1, -1), offset, grids[0])
+            src = src.expand(b, -1, -1, -1)
             z = torch.cat([x.float(), fw.float(), small, mask, rgb], dim=1)
             y = self.out(F.leaky_relu(self.hidden(z), 0.2))
             base = lerp(fast_tanh(rgb), small, mask)
